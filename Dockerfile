@@ -1,0 +1,57 @@
+# syntax=docker/dockerfile:1
+# mmfusion serving image: FastAPI + ONNX Runtime, no torch.
+#   CPU:  docker build -t mmfusion:cpu .
+#   GPU:  docker build --build-arg VARIANT=gpu -t mmfusion:gpu .
+# The bundle is read from /models/default (mount or COPY a bundle there); the vector index
+# lives in /data/index (mount a volume). The root file system can be read-only.
+ARG VARIANT=cpu
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+ARG CUDA_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
+
+# ---- build the wheel (no extras, no torch) -------------------------------------------------
+FROM ${PYTHON_IMAGE} AS wheel
+WORKDIR /src
+COPY pyproject.toml README.md constraints.txt ./
+COPY app ./app
+COPY model ./model
+RUN pip wheel --no-cache-dir --no-deps -w /wheels .
+
+# ---- CPU runtime base ----------------------------------------------------------------------
+FROM ${PYTHON_IMAGE} AS base-cpu
+ENV ORT_PACKAGE=onnxruntime
+RUN python -m venv /opt/venv
+
+# ---- CUDA runtime base (cuDNN included, as onnxruntime-gpu needs) ---------------------------
+FROM ${CUDA_IMAGE} AS base-gpu
+ENV ORT_PACKAGE=onnxruntime-gpu
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-venv \
+ && rm -rf /var/lib/apt/lists/* \
+ && python3 -m venv /opt/venv
+
+# ---- final image ---------------------------------------------------------------------------
+FROM base-${VARIANT} AS runtime
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    MMFUSION_BUNDLE=/models/default \
+    MMFUSION_INDEX_PATH=/data/index \
+    MMFUSION_HOST=0.0.0.0 \
+    MMFUSION_PORT=8000
+COPY --from=wheel /wheels /wheels
+# The base install is the serving stack; for the GPU image, onnxruntime is swapped for
+# onnxruntime-gpu (both provide the same module, so only one may be installed).
+RUN pip install --no-cache-dir /wheels/*.whl \
+ && if [ "$ORT_PACKAGE" = "onnxruntime-gpu" ]; then \
+      pip uninstall -y onnxruntime && pip install --no-cache-dir onnxruntime-gpu; fi \
+ && python -c "import importlib.util as u; assert u.find_spec('torch') is None" \
+ && rm -rf /wheels \
+ && useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin mmfusion \
+ && mkdir -p /models /data/index && chown -R mmfusion /data
+USER 10001
+WORKDIR /tmp
+EXPOSE 8000
+VOLUME ["/data"]
+HEALTHCHECK --interval=15s --timeout=3s --start-period=30s --retries=3 \
+  CMD python -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/readyz', timeout=2).status == 200 else 1)"
+CMD ["mmfusion", "serve"]

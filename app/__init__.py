@@ -1,0 +1,3 @@
+"""mmfusion serving package (FastAPI + ONNX Runtime). Never imports torch."""
+
+__version__ = "0.1.0"

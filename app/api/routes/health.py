@@ -1,0 +1,63 @@
+"""Liveness, readiness, metrics and the model description."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from app.api.schemas import ErrorResponse, GraphInfo, HealthResponse, ModelInfoResponse
+from app.api.state import State
+from app.core.errors import NotReadyError
+
+router = APIRouter()
+
+
+@router.get("/livez", response_model=HealthResponse, tags=["health"], summary="The process is up")
+async def livez() -> HealthResponse:
+    return HealthResponse(status="ok")
+
+
+@router.get("/readyz", response_model=HealthResponse, tags=["health"],
+            responses={503: {"model": ErrorResponse}}, summary="Model loaded and warmed up")
+async def readyz(state: State) -> HealthResponse:
+    if not state.ready:
+        raise NotReadyError()
+    return HealthResponse(status="ready")
+
+
+@router.get("/metrics", tags=["health"], summary="Prometheus metrics", response_class=Response)
+async def metrics() -> Response:
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/v1/model", response_model=ModelInfoResponse, tags=["model"],
+            responses={503: {"model": ErrorResponse}}, summary="The loaded bundle and the providers in use")
+async def model_info(state: State) -> ModelInfoResponse:
+    p = state.require_pipeline()
+    m = p.manifest
+    return ModelInfoResponse(
+        name=m.name,
+        version=m.version,
+        created_at=m.created_at.isoformat(),
+        tasks=list(m.tasks),
+        labels=list(m.labels),
+        embedding_dim=m.embedding_dim,
+        precision=p.precision,
+        available_precisions=m.precisions(),
+        providers=p.active_providers,
+        graphs={
+            role: GraphInfo(
+                file=s.spec.variants[s.precision].file,  # type: ignore[index]
+                precision=s.precision,
+                inputs=s.input_names,
+                outputs=[o.name for o in s.session.get_outputs()],
+                providers=s.session.get_providers(),
+            )
+            for role, s in p.sessions.items()
+        },
+        image_preprocessing=m.image.model_dump(mode="json"),
+        text_max_length=m.text.max_length,
+        metrics=m.metrics,
+        parity=m.parity.model_dump(mode="json"),
+        architecture=m.model.model_dump(mode="json"),
+    )

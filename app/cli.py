@@ -1,0 +1,72 @@
+"""The ``mmfusion`` command. Serving commands are torch-free; training commands load ``model``
+lazily and explain how to install it when the training extra is missing."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+TRAIN_COMMANDS = {"train", "export", "verify", "build-default", "evaluate", "ablate"}
+
+
+def _serve(argv: list[str]) -> int:
+    import os
+
+    import uvicorn
+
+    parser = argparse.ArgumentParser(prog="mmfusion serve", description="Serve a model bundle over HTTP. "
+                                     "Every option can also be set as MMFUSION_<OPTION> in the environment.")
+    parser.add_argument("--bundle", help="bundle directory (MMFUSION_BUNDLE, default models/default)")
+    parser.add_argument("--host", help="bind address (MMFUSION_HOST, default 0.0.0.0)")
+    parser.add_argument("--port", type=int, help="port (MMFUSION_PORT, default 8000)")
+    parser.add_argument("--index-path", help="vector index directory (MMFUSION_INDEX_PATH, default data/index)")
+    args = parser.parse_args(argv)
+    for key in ("bundle", "host", "port", "index_path"):
+        value = getattr(args, key)
+        if value is not None:
+            os.environ[f"MMFUSION_{key.upper()}"] = str(value)
+    from app.core.config import get_settings
+
+    settings = get_settings()
+    uvicorn.run("app.main:app", host=settings.host, port=settings.port, log_level=settings.log_level,
+                timeout_graceful_shutdown=30)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(
+            "usage: mmfusion COMMAND [options]\n\n"
+            "serving (base install):\n"
+            "  serve           serve a model bundle over HTTP\n"
+            "  index           manage the vector index (import, stats, rebuild)\n\n"
+            "training (pip install 'mmfusion[train]'):\n"
+            "  train           train a fusion model\n"
+            "  export          export a run to an ONNX model bundle\n"
+            "  verify          re-check a bundle (sha256, ONNX checker, parity of variants)\n"
+            "  build-default   build the default demo bundle used by `make serve`\n\n"
+            "Run `mmfusion COMMAND --help` for the options of a command."
+        )
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command == "serve":
+        return _serve(rest)
+    if command == "index":
+        from app.index.cli import main as index_main
+
+        return index_main(rest)
+    if command in TRAIN_COMMANDS:
+        try:
+            from model.cli import main as model_main
+        except ImportError as exc:
+            print(f"`mmfusion {command}` needs the training extra ({exc}); install it with "
+                  "pip install -c constraints.txt 'mmfusion[train]'", file=sys.stderr)
+            return 2
+        return model_main(argv)
+    print(f"unknown command {command!r}; run `mmfusion --help`", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

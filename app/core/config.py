@@ -1,0 +1,75 @@
+"""Service settings, read from ``MMFUSION_*`` environment variables (pydantic-settings)."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def container_cpus() -> int:
+    """CPUs this process may really use: cgroup v2/v1 quota and affinity, not the host's count.
+
+    ONNX Runtime defaults to one thread per host core; in a container limited to 2 CPUs on a
+    64-core host that oversubscribes 32x and wrecks tail latency.
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        cpus = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        try:
+            q = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+            p = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+            if q > 0 and p > 0:
+                cpus = min(cpus, max(1, q // p))
+        except (OSError, ValueError):
+            pass
+    return max(1, cpus)
+
+
+class Settings(BaseSettings):
+    """Every setting has a default that works for `make serve`; override with MMFUSION_<NAME>."""
+
+    model_config = SettingsConfigDict(env_prefix="MMFUSION_", env_file=None, extra="ignore")
+
+    bundle: Path = Field(default=Path("models/default"), description="Model bundle directory.")
+    host: str = "0.0.0.0"
+    port: int = Field(default=8000, ge=1, le=65535)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    providers: str = Field(
+        default="auto",
+        description="ONNX Runtime execution providers, comma separated, or 'auto' (CUDA if available, else CPU).",
+    )
+    precision: Literal["auto", "fp32", "fp16", "int8"] = "auto"
+    intra_op_threads: int = Field(default=0, ge=0, description="0 = the CPUs the container may use.")
+    index_path: Path = Field(default=Path("data/index"), description="Directory of the persistent vector index.")
+    max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(default=40_000_000, ge=1)
+    max_text_chars: int = Field(default=10_000, ge=1)
+    max_client_batch: int = Field(default=64, ge=1)
+    max_top_k: int = Field(default=100, ge=1)
+    decode_threads: int = Field(default=0, ge=0, description="Image decode pool size; 0 = CPUs the container may use.")
+    api_keys: str = Field(default="", description="Comma-separated API keys; empty = no auth.")
+    admin_keys: str = Field(default="", description="Comma-separated keys allowed to write the index.")
+    cors_origins: str = ""
+    warmup: bool = True
+
+    def resolved_intra_op_threads(self) -> int:
+        return self.intra_op_threads or container_cpus()
+
+    def resolved_decode_threads(self) -> int:
+        return self.decode_threads or container_cpus()
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

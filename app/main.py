@@ -1,0 +1,129 @@
+"""FastAPI app factory. Request lifecycle: decode (thread pool) -> encoders -> fusion -> encode.
+
+``uvicorn app.main:app`` serves the bundle named by ``MMFUSION_BUNDLE``; tests call
+``create_app(Settings(...))`` and use ``with TestClient(app)`` so the lifespan runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, Response
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi_offline import FastAPIOffline
+
+from app import __version__
+from app.api.errors import install_error_handlers
+from app.api.middleware import BodyLimitMiddleware, RequestIdMiddleware
+from app.api.routes import classify, embed, health, search
+from app.api.state import ServiceState
+from app.core import metrics
+from app.core.config import Settings, get_settings
+from app.core.logging import configure_logging
+from app.index import IndexStoreError, VectorIndex
+from app.inference.pipeline import ModelPipeline
+
+log = logging.getLogger("mmfusion.app")
+
+
+def open_index(state: ServiceState, pipeline: ModelPipeline) -> None:
+    """Open the persistent index; seed it from the bundle when there is none yet.
+
+    A corrupt index or one made by another bundle leaves search unavailable with a message
+    that says how to recover, instead of silently starting empty.
+    """
+    settings, manifest = state.settings, pipeline.manifest
+    path = settings.index_path
+    if manifest.seed_index and not path.exists():
+        seed = pipeline.bundle_dir / manifest.seed_index
+        if seed.is_dir():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(seed, path, ignore=shutil.ignore_patterns("LOCK"))
+            log.info("seeded the index at %s from the bundle's %s", path, manifest.seed_index)
+    try:
+        state.index = VectorIndex.open(path, bundle_name=manifest.name, bundle_version=manifest.version,
+                                       dim=manifest.embedding_dim)
+        metrics.INDEX_ITEMS.set(state.index.count)
+    except IndexStoreError as exc:
+        state.index = None
+        state.notes["index"] = f"index unavailable: {exc}"
+        log.error("index at %s unavailable: %s", path, exc)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    configure_logging(settings.log_level)
+    state = ServiceState(settings=settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        t0 = time.perf_counter()
+        state.decode_pool = ThreadPoolExecutor(settings.resolved_decode_threads(), thread_name_prefix="decode")
+        pipeline = ModelPipeline(settings.bundle, settings)  # raises BundleError: refuse to serve it
+        if settings.warmup:
+            pipeline.warmup()
+        state.pipeline = pipeline
+        open_index(state, pipeline)
+        if not settings.api_keys and not settings.admin_keys:
+            log.warning("no API keys configured (MMFUSION_API_KEYS): every route is open to anyone who can reach it")
+        state.ready = True
+        metrics.READY.set(1)
+        log.info("ready in %.2fs: %s %s, precision %s, providers %s", time.perf_counter() - t0,
+                 pipeline.manifest.name, pipeline.manifest.version, pipeline.precision, pipeline.active_providers)
+        try:
+            yield
+        finally:
+            state.ready = False
+            metrics.READY.set(0)
+            if state.index is not None:
+                state.index.close()
+            state.decode_pool.shutdown(wait=True, cancel_futures=True)
+
+    app = FastAPIOffline(
+        title="mmfusion",
+        version=__version__,
+        description="Image+text fusion model serving: classification, embeddings and retrieval. "
+        "Errors use one schema: `{\"error\": {\"code\", \"message\", \"field\"}}`.",
+        lifespan=lifespan,
+    )
+    app.state.service = state
+    install_error_handlers(app)
+    for router in (classify.router, embed.router, search.router, health.router):
+        app.include_router(router)
+
+    @app.middleware("http")
+    async def record_metrics(request: Request, call_next) -> Response:  # type: ignore[no-untyped-def]
+        start = time.perf_counter()
+        metrics.IN_FLIGHT.inc()
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            metrics.IN_FLIGHT.dec()
+            route = request.scope.get("route")
+            path = getattr(route, "path", "unmatched")
+            metrics.REQUESTS.labels(request.method, path, str(status)).inc()
+            metrics.REQUEST_LATENCY.labels(request.method, path).observe(time.perf_counter() - start)
+
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=[o.strip() for o in settings.cors_origins.split(",")],
+                           allow_methods=["*"], allow_headers=["*"])
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(RequestIdMiddleware)
+    return app
+
+
+def __getattr__(name: str) -> FastAPI:
+    """``app.main:app`` is built on first access, so importing this module has no side effects."""
+    if name == "app":
+        application = create_app()
+        globals()["app"] = application
+        return application
+    raise AttributeError(name)

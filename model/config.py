@@ -1,0 +1,62 @@
+"""Training configuration: one dataclass, loadable from JSON and overridable from the CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a training run. The resolved config is written into the run folder."""
+
+    data: str = "demo"
+    """'demo' (built-in generator), a CSV/JSONL manifest (image,text,label[,split]), or a Flickr8k folder."""
+    captions: str | None = None
+    """Optional CSV/JSONL of (image, text[, split]) caption pairs for the contrastive head."""
+    run_dir: str = "runs/default"
+    name: str = "mmfusion-demo"
+    version: str = "0.1.0"
+    image_encoder: str = "small_cnn"
+    text_encoder: str = "bilstm"
+    fusion: str = "concat"
+    image_size: int | None = None
+    """Override the encoder's native input size (the small CNN defaults to 64)."""
+    max_length: int = 32
+    hidden_dim: int = 256
+    embed_dim: int = 128
+    epochs: int = 8
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    contrastive_weight: float = 0.5
+    seed: int = 0
+    demo_images: int = 600
+    demo_dir: str = "data/demo"
+    demo_image_size: int = 224
+    early_stopping_metric: str = "val_accuracy"
+    patience: int = 5
+    num_threads: int = 0
+    """Torch intra-op threads (0 = all available CPUs)."""
+    encoder_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}; valid keys: {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_file(cls, path: Path) -> TrainConfig:
+        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")

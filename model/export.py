@@ -1,0 +1,300 @@
+"""Export a training run to an ONNX model bundle and prove ONNX Runtime reproduces PyTorch.
+
+Uses the legacy TorchScript exporter (``dynamo=False``): on this stack it exports in under a
+second at opset 17 with dynamic batch/sequence axes and gives a faster text graph than the
+dynamo exporter (measured, see shared FIELD-NOTES).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from PIL import Image
+
+from app.bundle.manifest import (
+    MANIFEST_FILE,
+    BundleManifest,
+    GraphFile,
+    GraphSpec,
+    ImagePreprocessing,
+    ModelInfo,
+    ParityReport,
+    TensorSpec,
+    TextPreprocessing,
+)
+from app.bundle.verify import load_bundle_manifest, sha256_file
+from app.preprocessing.image import preprocess_pil
+from app.preprocessing.text import TextTokenizer
+from model.fusion_model import FusionHeadGraph, FusionModel, ImageEncoderGraph, TextEncoderGraph
+from model.train import load_run
+
+OPSET = 17
+PROB_TOLERANCE = 1e-4
+COSINE_TOLERANCE = 0.9999
+
+_ONNX_DTYPES = {
+    onnx.TensorProto.FLOAT: "float32",
+    onnx.TensorProto.FLOAT16: "float16",
+    onnx.TensorProto.INT64: "int64",
+    onnx.TensorProto.INT32: "int32",
+}
+
+
+class ParityError(RuntimeError):
+    """ONNX Runtime disagrees with PyTorch beyond tolerance: the bundle must not ship."""
+
+
+@dataclass
+class ParityInputs:
+    pixel_values: np.ndarray
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+
+
+def _tensor_specs(values: list[onnx.ValueInfoProto]) -> list[TensorSpec]:
+    specs = []
+    for v in values:
+        tt = v.type.tensor_type
+        shape: list[int | str] = [
+            d.dim_param or (d.dim_value if d.HasField("dim_value") else "?") for d in tt.shape.dim
+        ]
+        specs.append(TensorSpec(name=v.name, dtype=_ONNX_DTYPES[tt.elem_type], shape=shape))  # type: ignore[arg-type]
+    return specs
+
+
+def _export(
+    module: torch.nn.Module,
+    args: tuple[torch.Tensor, ...],
+    path: Path,
+    inputs: list[str],
+    outputs: list[str],
+    dynamic: dict[str, dict[int, str]],
+) -> GraphSpec:
+    # The exporter restores the wrapper's training flag afterwards, recursively: a wrapper left
+    # in train mode would silently flip BatchNorm/Dropout of the wrapped model back to training.
+    module.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            args,
+            str(path),
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_axes=dynamic,
+            opset_version=OPSET,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto, full_check=True)
+    graph = proto.graph
+    return GraphSpec(
+        opset=OPSET,
+        inputs=_tensor_specs(list(graph.input)),
+        outputs=_tensor_specs(list(graph.output)),
+        variants={"fp32": GraphFile(file=path.name, sha256=sha256_file(path), size_bytes=path.stat().st_size)},
+    )
+
+
+def export_graphs(model: FusionModel, out_dir: Path, image_size: int) -> dict[str, GraphSpec]:
+    model.eval()
+    pix = torch.randn(2, 3, image_size, image_size)
+    ids = torch.ones(2, 7, dtype=torch.long)
+    mask = torch.ones(2, 7, dtype=torch.long)
+    with torch.no_grad():
+        ip, ir = model.encode_image(pix)
+        tp, tt = model.encode_text(ids, mask)
+    b, bs = {0: "batch"}, {0: "batch", 1: "sequence"}
+    return {
+        "image_encoder": _export(
+            ImageEncoderGraph(model),
+            (pix,),
+            out_dir / "image_encoder.onnx",
+            ["pixel_values"],
+            ["image_features", "image_regions", "image_embedding"],
+            {"pixel_values": b, "image_features": b, "image_regions": b, "image_embedding": b},
+        ),
+        "text_encoder": _export(
+            TextEncoderGraph(model),
+            (ids, mask),
+            out_dir / "text_encoder.onnx",
+            ["input_ids", "attention_mask"],
+            ["text_features", "text_tokens", "text_embedding"],
+            {"input_ids": bs, "attention_mask": bs, "text_features": b, "text_tokens": bs, "text_embedding": b},
+        ),
+        "fusion_head": _export(
+            FusionHeadGraph(model),
+            (ip, ir, tp, tt, mask),
+            out_dir / "fusion_head.onnx",
+            ["image_features", "image_regions", "text_features", "text_tokens", "attention_mask"],
+            ["probabilities"],
+            {
+                "image_features": b,
+                "image_regions": b,
+                "text_features": b,
+                "text_tokens": bs,
+                "attention_mask": bs,
+                "probabilities": b,
+            },
+        ),
+    }
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def _feed(sess: ort.InferenceSession, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {i.name: values[i.name] for i in sess.get_inputs()}
+
+
+def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a = a / np.linalg.norm(a, axis=1, keepdims=True).clip(1e-12)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True).clip(1e-12)
+    return float((a * b).sum(1).min())
+
+
+def measure_parity(
+    model: FusionModel, graph_dir: Path, graphs: dict[str, GraphSpec], inputs: ParityInputs, source: str
+) -> ParityReport:
+    """Run the same inputs through PyTorch and ONNX Runtime and compare every output that matters."""
+    sessions = {role: _session(graph_dir / spec.variants["fp32"].file) for role, spec in graphs.items()}
+    pix, ids, mask = (torch.from_numpy(x) for x in (inputs.pixel_values, inputs.input_ids, inputs.attention_mask))
+    with torch.no_grad():
+        t_img = [t.numpy() for t in ImageEncoderGraph(model).eval()(pix)]
+        t_txt = [t.numpy() for t in TextEncoderGraph(model).eval()(ids, mask)]
+        t_prob = (
+            FusionHeadGraph(model)
+            .eval()(*(torch.from_numpy(x) for x in (t_img[0], t_img[1], t_txt[0], t_txt[1])), mask)
+            .numpy()
+        )
+    o_img = sessions["image_encoder"].run(None, {"pixel_values": inputs.pixel_values})
+    o_txt = sessions["text_encoder"].run(
+        None, _feed(sessions["text_encoder"], {"input_ids": inputs.input_ids, "attention_mask": inputs.attention_mask})
+    )
+    values = {
+        "image_features": o_img[0],
+        "image_regions": o_img[1],
+        "text_features": o_txt[0],
+        "text_tokens": o_txt[1],
+        "attention_mask": inputs.attention_mask,
+    }
+    o_prob = sessions["fusion_head"].run(None, _feed(sessions["fusion_head"], values))[0]
+    return ParityReport(
+        max_abs_prob_diff=float(np.abs(o_prob - t_prob).max()),
+        min_image_embedding_cosine=_min_cosine(o_img[2], t_img[2]),
+        min_text_embedding_cosine=_min_cosine(o_txt[2], t_txt[2]),
+        samples=len(inputs.pixel_values),
+        inputs=source,
+    )
+
+
+def parity_inputs(
+    image_pre: ImagePreprocessing,
+    tokenizer: TextTokenizer,
+    vocab_size: int,
+    real: list[tuple[Path, str]],
+    n_random: int = 8,
+    seed: int = 0,
+) -> tuple[ParityInputs, str]:
+    """Fresh random tensors plus real (image, text) samples, padded into one batch."""
+    rng = np.random.default_rng(seed)
+    size = image_pre.size
+    pix = [rng.standard_normal((n_random, 3, size, size)).astype(np.float32)]
+    texts = [
+        " ".join(rng.choice(["a", "red", "circle", "what", "is", "there", "blue"], rng.integers(1, 9)))
+        for _ in range(n_random)
+    ]
+    for path, text in real:
+        with Image.open(path) as img:
+            pix.append(preprocess_pil(img, image_pre)[None])
+        texts.append(text)
+    enc = tokenizer.encode(texts)
+    ids = enc.input_ids.copy()
+    # Random ids (not only real words) for the random half, within the tokenizer's vocabulary.
+    rand_ids = rng.integers(1, max(2, vocab_size), size=ids[:n_random].shape)
+    ids[:n_random] = np.where(enc.attention_mask[:n_random] == 1, rand_ids, ids[:n_random])
+    source = f"{n_random} random" + (f" + {len(real)} real samples" if real else "")
+    return ParityInputs(np.concatenate(pix), ids, enc.attention_mask), source
+
+
+def export_bundle(
+    run_dir: Path,
+    out_dir: Path,
+    *,
+    which: str = "best",
+    real_samples: int = 32,
+    metrics: dict[str, float] | None = None,
+    progress: bool = True,
+) -> BundleManifest:
+    """Write ONNX graphs + tokenizer + labels + manifest.json, refusing to ship on a parity failure."""
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    model, cfg, ckpt = load_run(run_dir, which)
+    image_pre = ImagePreprocessing.model_validate(ckpt["image_preprocessing"])
+    labels: list[str] = ckpt["labels"]
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    graphs = export_graphs(model, tmp, image_pre.size)
+    shutil.copyfile(run_dir / "tokenizer.json", tmp / "tokenizer.json")
+    (tmp / "labels.txt").write_text("\n".join(labels) + "\n", encoding="utf-8")
+    tokenizer = TextTokenizer(tmp / "tokenizer.json", int(ckpt["max_length"]))
+    real: list[tuple[Path, str]] = []
+    if real_samples:
+        from model.data.prepared import prepare_data
+
+        data = prepare_data(cfg, progress=False)
+        rows = data.split("test") or data.split("val") or data.rows
+        real = [(r.image, r.text) for r in rows[:real_samples]]
+    vocab = tokenizer._tok.get_vocab_size()
+    inputs, source = parity_inputs(image_pre, tokenizer, vocab, real, seed=cfg.seed)
+    parity = measure_parity(model, tmp, graphs, inputs, source)
+    if (
+        parity.max_abs_prob_diff > PROB_TOLERANCE
+        or parity.min_image_embedding_cosine < COSINE_TOLERANCE
+        or parity.min_text_embedding_cosine < COSINE_TOLERANCE
+    ):
+        raise ParityError(f"ONNX Runtime does not reproduce PyTorch: {parity.model_dump()}")
+    all_metrics = {k: float(v) for k, v in (ckpt.get("metrics") or {}).items() if isinstance(v, int | float)}
+    all_metrics.update(metrics or {})
+    manifest = BundleManifest(
+        name=cfg.name,
+        version=cfg.version,
+        created_at=datetime.now(UTC),
+        tasks=["classification", "retrieval"],
+        labels=labels,
+        embedding_dim=cfg.embed_dim,
+        image=image_pre,
+        text=TextPreprocessing(
+            tokenizer_file="tokenizer.json",
+            tokenizer_sha256=sha256_file(tmp / "tokenizer.json"),
+            max_length=int(ckpt["max_length"]),
+        ),
+        graphs=graphs,  # type: ignore[arg-type]
+        parity=parity,
+        metrics=all_metrics,
+        model=ModelInfo(
+            image_encoder=cfg.image_encoder,
+            text_encoder=cfg.text_encoder,
+            fusion=cfg.fusion,
+            parameters=sum(p.numel() for p in model.parameters()),
+        ),
+    )
+    (tmp / MANIFEST_FILE).write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n", encoding="utf-8")
+    load_bundle_manifest(tmp)  # the exported bundle must pass the same check the server runs
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return manifest
