@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install --disable-pip-version-check -c constraints.txt
 SERVE_VENV ?= .venv-serve
 
-.PHONY: serve test lint bench bench-full serving-check docker clean
+.PHONY: serve test browser-deps lint bench bench-full serving-check docker clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,10 +22,14 @@ serve: $(VENV)/.installed
 	$(BIN)/mmfusion serve --bundle models/default
 
 ## make test: install (train + dev extras), lint, the serving-install check, the whole test suite
-test: $(VENV)/.installed
+test: $(VENV)/.installed browser-deps
 	$(BIN)/ruff check .
 	$(MAKE) --no-print-directory serving-check
 	$(BIN)/python -m pytest
+
+## Headless Chromium (Debian package) for the offline-docs browser test.
+browser-deps:
+	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .

@@ -13,14 +13,16 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
 
 from app import __version__
+from app.api.auth import KeyRing, include_protected
 from app.api.errors import install_error_handlers
 from app.api.middleware import BodyLimitMiddleware, RequestIdMiddleware
 from app.api.routes import classify, embed, health, search
+from app.api.routes import index as index_routes
 from app.api.state import ServiceState
 from app.core import metrics
 from app.core.config import Settings, get_settings
@@ -52,13 +54,15 @@ def open_index(state: ServiceState, pipeline: ModelPipeline) -> None:
     except IndexStoreError as exc:
         state.index = None
         state.notes["index"] = f"index unavailable: {exc}"
-        log.error("index at %s unavailable: %s", path, exc)
+        log.error("index at %s unavailable (search and /v1/index answer 503): %s", path, exc)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     configure_logging(settings.log_level)
-    state = ServiceState(settings=settings)
+    # Keys are read now, not in the lifespan: a missing key file must stop the server before it
+    # binds a port, never leave it running with fewer keys than intended.
+    state = ServiceState(settings=settings, keys=KeyRing.from_settings(settings))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -69,8 +73,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             pipeline.warmup()
         state.pipeline = pipeline
         open_index(state, pipeline)
-        if not settings.api_keys and not settings.admin_keys:
-            log.warning("no API keys configured (MMFUSION_API_KEYS): every route is open to anyone who can reach it")
+        assert state.keys is not None
+        if not state.keys.enabled or state.keys.reads_open:
+            log.warning(state.keys.describe())
+        else:
+            log.info(state.keys.describe())
         state.ready = True
         metrics.READY.set(1)
         log.info("ready in %.2fs: %s %s, precision %s, providers %s", time.perf_counter() - t0,
@@ -88,35 +95,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="mmfusion",
         version=__version__,
         description="Image+text fusion model serving: classification, embeddings and retrieval. "
-        "Errors use one schema: `{\"error\": {\"code\", \"message\", \"field\"}}`.",
+        "Errors use one schema: `{\"error\": {\"code\", \"message\", \"field\"}}`.\n\n"
+        "**Authentication** (when keys are configured): send an API key as `Authorization: Bearer <key>` or "
+        "`X-API-Key: <key>` (use *Authorize*). Index writes (POST/DELETE under `/v1/index`) need an admin key. "
+        "`/livez`, `/readyz`, `/metrics` and these docs are open. Missing/invalid key: 401; a read key on an "
+        "admin route: 403.",
         lifespan=lifespan,
     )
     app.state.service = state
     install_error_handlers(app)
-    for router in (classify.router, embed.router, search.router, health.router):
-        app.include_router(router)
-
-    @app.middleware("http")
-    async def record_metrics(request: Request, call_next) -> Response:  # type: ignore[no-untyped-def]
-        start = time.perf_counter()
-        metrics.IN_FLIGHT.inc()
-        status = 500
-        try:
-            response = await call_next(request)
-            status = response.status_code
-            return response
-        finally:
-            metrics.IN_FLIGHT.dec()
-            route = request.scope.get("route")
-            path = getattr(route, "path", "unmatched")
-            metrics.REQUESTS.labels(request.method, path, str(status)).inc()
-            metrics.REQUEST_LATENCY.labels(request.method, path).observe(time.perf_counter() - start)
+    # Every router goes through the auth policy (app.api.auth.route_access): routes are protected
+    # by default, so a new route cannot be exposed by forgetting a dependency.
+    for router in (classify.router, embed.router, search.router, index_routes.router, health.router):
+        include_protected(app, router)
 
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=[o.strip() for o in settings.cors_origins.split(",")],
                            allow_methods=["*"], allow_headers=["*"])
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
-    app.add_middleware(RequestIdMiddleware)
+    # Outermost: request id, access log, last-resort 500, and the request metrics (it sees the final
+    # status of every request, including the 413s BodyLimitMiddleware answers itself).
+    app.add_middleware(RequestIdMiddleware, record_metrics=True)
     return app
 
 

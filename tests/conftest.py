@@ -29,7 +29,7 @@ def tiny_config(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory):
         data="demo", demo_dir=str(demo_dir), demo_images=DEMO_IMAGES, demo_image_size=96,
         run_dir=str(tmp_path_factory.mktemp("run")), name="tiny-test", version="0.0.1",
         image_encoder="small_cnn", text_encoder="bilstm", fusion="concat", image_size=64,
-        epochs=2, batch_size=32, hidden_dim=64, embed_dim=32, seed=0, num_threads=2,
+        epochs=2, batch_size=32, hidden_dim=64, embed_dim=32, seed=0, num_threads=1,
         encoder_kwargs={"image": {"width": 8, "out_dim": 32}, "text": {"embed_dim": 16, "hidden": 16}},
     )
 

@@ -1,26 +1,65 @@
-"""ASGI middleware: request ids and a streaming request-size limit.
+"""ASGI middleware: a streaming request-size limit, and the outermost request wrapper.
 
-The size limit counts bytes as they arrive and stops reading at the limit, so a 10 GB upload
-costs at most ``max_upload_bytes`` of memory, never the whole body.
+``BodyLimitMiddleware`` counts body bytes as they arrive and stops reading at the limit, so a
+10 GB upload costs at most ``max_bytes`` (plus one chunk) of memory, never the whole body; a
+declared ``Content-Length`` over the limit is refused before a single body byte is read.
+
+``RequestIdMiddleware`` is the outermost wrapper (``app.main`` adds it last). Per request it:
+
+* takes ``X-Request-ID`` if sane (1-128 of ``[A-Za-z0-9-_.:]``) or makes one, echoes it back and
+  puts it in every log line (``app.core.logging.request_id_var``);
+* writes one access log line (logger ``mmfusion.access``: method, path, route, status, duration_ms);
+* answers an exception that escaped the app with the error schema and a fixed message (500), after
+  logging it with the request id: Starlette's own last-resort handler runs outside this middleware,
+  where the request id is already gone and the response would lack the ``X-Request-ID`` header;
+* adds ``X-Content-Type-Options: nosniff`` to every response, and to HTML responses (``/docs``,
+  ``/redoc``) a Content-Security-Policy allowing only this origin: the docs must work offline, and
+  the browser then never contacts another host even where a bundled asset names one (ReDoc's
+  sidebar logo is loaded from cdn.redoc.ly);
+* optionally (``record_metrics=True``) records the request metrics, seeing the final status of
+  every request, including the 413s that ``BodyLimitMiddleware`` answers itself.
 """
 
 from __future__ import annotations
 
-import json
+import logging
+import time
 import uuid
-from contextvars import ContextVar
 
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-request_id_var: ContextVar[str] = ContextVar("request_id", default="-")
+from app.api.errors import INTERNAL_ERROR_MESSAGE, error_body
+from app.core import metrics
+from app.core.logging import request_id_var
+
+__all__ = ["DOCS_CSP", "BodyLimitMiddleware", "RequestIdMiddleware", "request_id_var"]
+
+access_log = logging.getLogger("mmfusion.access")
+log = logging.getLogger("mmfusion.api")
+
+DOCS_CSP = (
+    "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data: blob:; font-src 'self' data:; worker-src 'self' blob:; connect-src 'self'; "
+    "frame-ancestors 'none'; base-uri 'self'; form-action 'self'"
+)
+# Status logged (not sent) when the client went away before the response: nginx's convention.
+CLIENT_CLOSED = 499
 
 
 class _TooLarge(Exception):
     pass
 
 
-def _error_body(code: str, message: str) -> bytes:
-    return json.dumps({"error": {"code": code, "message": message}}).encode()
+async def send_error(send: Send, status: int, code: str, message: str, *, close: bool = False) -> None:
+    """A complete error response at the ASGI level, in the one error schema."""
+    body = error_body(code, message)
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if close:
+        headers.append((b"connection", b"close"))
+    metrics.ERRORS.labels(str(status), code).inc()
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 class BodyLimitMiddleware:
@@ -40,8 +79,9 @@ class BodyLimitMiddleware:
                 except ValueError:
                     declared = -1
                 if declared > limit:
-                    await self._reject(send, f"request body is {declared} bytes, over the limit of {limit} "
-                                             "(MMFUSION_MAX_UPLOAD_BYTES)")
+                    await send_error(send, 413, "payload_too_large",
+                                     f"request body is {declared} bytes, over the limit of {limit} "
+                                     "(MMFUSION_MAX_UPLOAD_BYTES)", close=True)
                     return
         received = 0
         started = False
@@ -64,44 +104,73 @@ class BodyLimitMiddleware:
         try:
             await self.app(scope, limited_receive, tracking_send)
         except _TooLarge:
-            if not started:
-                await self._reject(send, f"request body is over the limit of {limit} bytes (MMFUSION_MAX_UPLOAD_BYTES)")
+            if started:
+                raise
+            await send_error(send, 413, "payload_too_large",
+                             f"request body is over the limit of {limit} bytes (MMFUSION_MAX_UPLOAD_BYTES)",
+                             close=True)
 
-    @staticmethod
-    async def _reject(send: Send, message: str) -> None:
-        body = _error_body("payload_too_large", message)
-        await send({"type": "http.response.start", "status": 413, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-            (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
+
+def _valid_request_id(value: str) -> bool:
+    return 0 < len(value) <= 128 and all(c.isascii() and (c.isalnum() or c in "-_.:") for c in value)
 
 
 class RequestIdMiddleware:
-    """Accept ``X-Request-ID`` (if sane) or make one; echo it back and put it in every log line."""
+    """Request id, access log, last-resort error answer, security headers (see the module docstring)."""
 
-    def __init__(self, app: ASGIApp):
+    def __init__(self, app: ASGIApp, record_metrics: bool = False):
         self.app = app
+        self.record_metrics = record_metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        start = time.perf_counter()
         rid = ""
         for name, value in scope.get("headers", []):
             if name == b"x-request-id":
                 candidate = value.decode("latin-1")
-                if 0 < len(candidate) <= 128 and all(c.isalnum() or c in "-_.:" for c in candidate):
+                if _valid_request_id(candidate):
                     rid = candidate
         rid = rid or uuid.uuid4().hex
         token = request_id_var.set(rid)
+        status = 0
 
-        async def send_with_id(message: Message) -> None:
+        async def send_wrapped(message: Message) -> None:
+            nonlocal status
             if message["type"] == "http.response.start":
-                message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (b"x-request-id", rid.encode())]
+                status = message["status"]
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
+                headers += [(b"x-request-id", rid.encode()), (b"x-content-type-options", b"nosniff")]
+                if any(k.lower() == b"content-type" and v.lower().startswith(b"text/html") for k, v in headers):
+                    headers.append((b"content-security-policy", DOCS_CSP.encode()))
+                message = {**message, "headers": headers}
             await send(message)
 
+        if self.record_metrics:
+            metrics.IN_FLIGHT.inc()
         try:
-            await self.app(scope, receive, send_with_id)
+            await self.app(scope, receive, send_wrapped)
+        except ClientDisconnect:
+            status = status or CLIENT_CLOSED
+        except Exception as exc:
+            if status:  # the response had started: too late to answer; the server closes the connection
+                log.error("error after the response started on %s %s", scope.get("method"), scope.get("path"),
+                          exc_info=exc)
+                raise
+            log.error("unhandled error on %s %s", scope.get("method"), scope.get("path"), exc_info=exc)
+            await send_error(send_wrapped, 500, "internal_error", INTERNAL_ERROR_MESSAGE)
         finally:
+            duration = time.perf_counter() - start
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            method = scope.get("method", "-")
+            final = status or 500
+            access_log.info("%s %s %s %.1fms", method, scope.get("path", ""), final, duration * 1000,
+                            extra={"method": method, "path": scope.get("path", ""), "route": route,
+                                   "status": final, "duration_ms": round(duration * 1000, 3)})
+            if self.record_metrics:
+                metrics.IN_FLIGHT.dec()
+                metrics.REQUESTS.labels(method, route, str(final)).inc()
+                metrics.REQUEST_LATENCY.labels(method, route).observe(duration)
             request_id_var.reset(token)

@@ -4,20 +4,35 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Request
 
 from app.api.schemas import ModelRef
 from app.core.config import Settings
-from app.core.errors import NotReadyError
+from app.core.errors import MMFusionError, NotReadyError
 from app.index import VectorIndex
 from app.inference.pipeline import ModelPipeline
+
+if TYPE_CHECKING:
+    from app.api.auth import KeyRing
+
+
+class IndexUnavailableError(MMFusionError):
+    """The model is served but the vector index could not be opened (corrupt, foreign bundle, locked).
+
+    503 without Retry-After: waiting does not help, an operator has to act on the message (which
+    names the recovery, e.g. ``mmfusion index rebuild``).
+    """
+
+    status_code = 503
+    code = "index_unavailable"
 
 
 @dataclass
 class ServiceState:
     settings: Settings
+    keys: KeyRing | None = None
     pipeline: ModelPipeline | None = None
     index: VectorIndex | None = None
     decode_pool: ThreadPoolExecutor | None = None
@@ -32,6 +47,13 @@ class ServiceState:
         if self.pipeline is None or not self.ready:
             raise NotReadyError()
         return self.pipeline
+
+    def require_index(self) -> VectorIndex:
+        """The open index, or 503 carrying the reason recorded when opening it failed."""
+        self.require_pipeline()
+        if self.index is None:
+            raise IndexUnavailableError(self.notes.get("index", "the vector index is not available"))
+        return self.index
 
 
 def get_state(request: Request) -> ServiceState:

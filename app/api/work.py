@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import functools
 from collections.abc import Callable
 from typing import TypeVar
@@ -11,6 +10,7 @@ import numpy as np
 from anyio import to_thread
 
 from app.api.state import ServiceState
+from app.core import metrics
 from app.preprocessing.image import decode_image
 
 T = TypeVar("T")
@@ -21,7 +21,7 @@ async def decode(state: ServiceState, data: bytes, field: str = "image") -> np.n
     pipeline = state.require_pipeline()
     fn = functools.partial(decode_image, data, pipeline.manifest.image,
                            max_pixels=state.settings.max_image_pixels, field=field)
-    return await asyncio.get_running_loop().run_in_executor(state.decode_pool, fn)
+    return await metrics.run_in_pool(state.decode_pool, "decode", fn)
 
 
 async def infer(fn: Callable[..., T], *args: object) -> T:

@@ -58,8 +58,17 @@ class Settings(BaseSettings):
     max_client_batch: int = Field(default=64, ge=1)
     max_top_k: int = Field(default=100, ge=1)
     decode_threads: int = Field(default=0, ge=0, description="Image decode pool size; 0 = CPUs the container may use.")
-    api_keys: str = Field(default="", description="Comma-separated API keys; empty = no auth.")
-    admin_keys: str = Field(default="", description="Comma-separated keys allowed to write the index.")
+    api_keys: str = Field(
+        default="", description="Comma-separated API keys for the read routes; empty (and no file) = reads are open."
+    )
+    api_keys_file: Path | None = Field(
+        default=None, description="File of API keys, one per line, '#' starts a comment; added to api_keys."
+    )
+    admin_keys: str = Field(
+        default="",
+        description="Comma-separated keys allowed to write the index (they also work on the read routes).",
+    )
+    admin_keys_file: Path | None = Field(default=None, description="File of admin keys, same format as api_keys_file.")
     cors_origins: str = ""
     warmup: bool = True
 

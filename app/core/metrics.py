@@ -1,19 +1,83 @@
-"""Prometheus metrics, defined once for the process."""
+"""Prometheus metrics, defined once for the process (``GET /metrics``).
+
+Who records what:
+
+* ``mmfusion_requests_total{method,route,status}`` and ``mmfusion_request_duration_seconds{method,route}``:
+  one per HTTP request. ``route`` is the route template (``/v1/index/items/{item_id}``), never the raw
+  path, so ids do not explode the label set; requests that matched no route are ``route="unmatched"``.
+* ``mmfusion_errors_total{status,code}``: every error response, by its schema ``code`` (app.api.errors
+  and the middleware's own 413/500 answers).
+* ``mmfusion_inference_duration_seconds{graph}`` and ``mmfusion_batch_size{graph}``: one per ONNX Runtime
+  graph call, ``graph`` in image_encoder / text_encoder / fusion_head; record both with
+  :func:`observe_inference`.
+* ``mmfusion_queue_depth{stage}``: work items submitted to a worker pool and not yet started
+  (``stage`` = ``decode`` or ``inference``); :func:`run_in_pool` keeps it.
+* ``mmfusion_in_flight_requests``, ``mmfusion_index_items``, ``mmfusion_ready``: gauges.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
+from typing import TypeVar
+
 from prometheus_client import Counter, Gauge, Histogram
+
+T = TypeVar("T")
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 REQUESTS = Counter("mmfusion_requests_total", "HTTP requests", ["method", "route", "status"])
 REQUEST_LATENCY = Histogram(
-    "mmfusion_request_duration_seconds", "HTTP request latency", ["method", "route"],
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    "mmfusion_request_duration_seconds", "HTTP request latency", ["method", "route"], buckets=LATENCY_BUCKETS,
 )
+ERRORS = Counter("mmfusion_errors_total", "Error responses by status and error code", ["status", "code"])
 INFERENCE_LATENCY = Histogram(
     "mmfusion_inference_duration_seconds", "ONNX Runtime time per graph call", ["graph"],
-    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
 BATCH_SIZE = Histogram("mmfusion_batch_size", "Items per graph call", ["graph"], buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+QUEUE_DEPTH = Gauge("mmfusion_queue_depth", "Work items waiting for a worker thread", ["stage"])
 IN_FLIGHT = Gauge("mmfusion_in_flight_requests", "Requests being processed")
 INDEX_ITEMS = Gauge("mmfusion_index_items", "Items in the vector index")
 READY = Gauge("mmfusion_ready", "1 once the model is loaded and warmed up")
+
+GRAPHS = ("image_encoder", "text_encoder", "fusion_head")
+STAGES = ("decode", "inference")
+for _graph in GRAPHS:  # export the series at 0 before the first call, so dashboards see them
+    INFERENCE_LATENCY.labels(_graph)
+    BATCH_SIZE.labels(_graph)
+for _stage in STAGES:
+    QUEUE_DEPTH.labels(_stage).set(0)
+
+
+def observe_inference(graph: str, batch_size: int, seconds: float) -> None:
+    """Record one graph call: its wall time and how many items it carried."""
+    INFERENCE_LATENCY.labels(graph).observe(seconds)
+    BATCH_SIZE.labels(graph).observe(batch_size)
+
+
+async def run_in_pool(pool: Executor, stage: str, fn: Callable[[], T]) -> T:
+    """Run ``fn`` in ``pool`` from the event loop, counted in ``mmfusion_queue_depth{stage}`` while it waits.
+
+    The caller's context variables (the request id for log lines) go with it: plain
+    ``loop.run_in_executor`` does not copy them. An item cancelled before a worker took it (the
+    client went away) leaves the queue count too.
+    """
+    gauge = QUEUE_DEPTH.labels(stage)
+    ctx = contextvars.copy_context()
+
+    def start() -> T:
+        gauge.dec()
+        return ctx.run(fn)
+
+    gauge.inc()
+    try:
+        future: Future[T] = pool.submit(start)
+    except BaseException:
+        gauge.dec()
+        raise
+    future.add_done_callback(lambda f: gauge.dec() if f.cancelled() else None)
+    return await asyncio.wrap_future(future)

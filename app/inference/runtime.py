@@ -7,6 +7,7 @@ optimised graphs are specific to the CPU/GPU they were optimised on.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import numpy as np
 import onnxruntime as ort
 
 from app.bundle.manifest import BundleManifest, GraphSpec
+from app.core import metrics
 from app.core.errors import BundleError
 
 log = logging.getLogger("mmfusion.runtime")
@@ -70,7 +72,11 @@ class GraphSession:
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Feed exactly the inputs this graph declares (pruned inputs are simply not fed)."""
-        outputs = self.session.run(None, {name: feeds[name] for name in self.input_names})
+        inputs = {name: feeds[name] for name in self.input_names}
+        start = time.perf_counter()
+        outputs = self.session.run(None, inputs)
+        batch = next(iter(inputs.values())).shape[0] if inputs else 0
+        metrics.observe_inference(self.role, batch, time.perf_counter() - start)
         return {o.name: v for o, v in zip(self.session.get_outputs(), outputs, strict=True)}
 
 

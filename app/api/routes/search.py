@@ -1,22 +1,35 @@
 """POST /v1/search: top-k items of the embedded index for a text, an image, or both.
 
-Combination rule for image+text queries: the two L2-normalised query embeddings are averaged
-and re-normalised, so each modality counts equally whatever its raw scale.
+Combination rule for image+text (queries here, and items stored by ``/v1/index/items`` and
+``mmfusion index import``): the two L2-normalised embeddings are averaged and re-normalised, so
+each modality counts equally whatever its raw scale. :func:`combine` and :func:`embed_mixed` are
+the one implementation of that rule.
+
+Filters are metadata equality on top-level scalar keys (every key must match, ``1 == 1.0``,
+``true != 1``); the top-k is exact within the matching items.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import numpy as np
 from fastapi import APIRouter, Request
 
-from app.api.payload import check_text, read_payload
+from app.api.payload import (
+    check_text,
+    parse_json_field,
+    read_payload,
+)
 from app.api.schemas import ErrorResponse, SearchHit, SearchJSONRequest, SearchResponse
 from app.api.state import State
 from app.api.work import decode, infer
-from app.core.errors import InvalidFieldError, NotReadyError
-from app.inference.pipeline import Timings
+from app.core.errors import InvalidFieldError
+from app.inference.pipeline import ModelPipeline, Timings
+
+# Metadata key under which the index API and CLI record how an item was embedded (see routes/index.py).
+SOURCE_KEY = "_source"
 
 router = APIRouter(prefix="/v1", tags=["retrieval"])
 
@@ -42,9 +55,65 @@ SEARCH_BODY = {
 
 
 def combine(vectors: list[np.ndarray]) -> np.ndarray:
+    """Mean of unit embeddings, re-normalised (a zero mean falls back to the first vector)."""
     v = np.mean(np.stack(vectors), axis=0)
     norm = float(np.linalg.norm(v))
     return (v / norm if norm > 0 else vectors[0]).astype(np.float32)
+
+
+def embed_mixed(
+    pipeline: ModelPipeline,
+    pixels: Sequence[np.ndarray | None],
+    texts: Sequence[str | None],
+    timings: Timings | None = None,
+) -> tuple[np.ndarray, list[str], list[bool]]:
+    """Embed items that each have an image, a text or both, with ONE call per encoder.
+
+    Returns ``(vectors [n, dim], embedded_from per item, text truncated per item)``; each vector is
+    the image embedding, the text embedding, or :func:`combine` of both. Every item needs at least
+    one of the two (callers validate that first).
+    """
+    n = len(pixels)
+    if len(texts) != n:
+        raise ValueError(f"{n} images for {len(texts)} texts")
+    timings = timings or Timings()
+    dim = pipeline.manifest.embedding_dim
+    image_rows = [i for i in range(n) if pixels[i] is not None]
+    text_rows = [i for i in range(n) if texts[i] is not None]
+    image_emb = np.empty((0, dim), dtype=np.float32)
+    text_emb = np.empty((0, dim), dtype=np.float32)
+    truncated = [False] * n
+    if image_rows:
+        t = time.perf_counter()
+        image_emb = pipeline.embed_images(np.stack([pixels[i] for i in image_rows]))  # type: ignore[misc]
+        timings.add("image_encoder", t)
+    if text_rows:
+        t = time.perf_counter()
+        text_emb, flags = pipeline.embed_texts([texts[i] for i in text_rows])  # type: ignore[misc]
+        timings.add("text_encoder", t)
+        for i, flag in zip(text_rows, flags, strict=True):
+            truncated[i] = bool(flag)
+    image_of = {row: image_emb[j] for j, row in enumerate(image_rows)}
+    text_of = {row: text_emb[j] for j, row in enumerate(text_rows)}
+    vectors = np.empty((n, dim), dtype=np.float32)
+    kinds: list[str] = []
+    for i in range(n):
+        image, text = image_of.get(i), text_of.get(i)
+        if image is not None and text is not None:
+            vectors[i], kind = combine([image, text]), "image+text"
+        elif image is not None:
+            vectors[i], kind = image, "image"
+        elif text is not None:
+            vectors[i], kind = text, "text"
+        else:
+            raise ValueError(f"item {i} has neither an image nor a text")
+        kinds.append(kind)
+    return vectors, kinds, truncated
+
+
+def public_metadata(metadata: dict | None) -> dict:
+    """Item metadata as clients see it: without the reserved ``_source`` record."""
+    return {k: v for k, v in (metadata or {}).items() if k != SOURCE_KEY}
 
 
 def _parse_k(raw: object, max_k: int) -> int:
@@ -61,12 +130,7 @@ def _parse_filter(raw: object) -> dict | None:
     if raw is None or raw == "":
         return None
     if isinstance(raw, str):
-        import json
-
-        try:
-            raw = json.loads(raw)
-        except json.JSONDecodeError:
-            raise InvalidFieldError("filter must be a JSON object", field="filter") from None
+        raw = parse_json_field(raw, "filter")
     if not isinstance(raw, dict) or not all(
         isinstance(v, str | int | float | bool) and not isinstance(v, dict) for v in raw.values()
     ):
@@ -75,12 +139,15 @@ def _parse_filter(raw: object) -> dict | None:
 
 
 @router.post("/search", response_model=SearchResponse, openapi_extra=SEARCH_BODY,
-             responses={c: {"model": ErrorResponse} for c in (400, 401, 413, 415, 422, 503)},
-             summary="Top-k retrieval over the embedded index by text, image, or both")
+             responses={c: {"model": ErrorResponse} for c in (400, 413, 415, 422, 503)},
+             summary="Top-k retrieval over the embedded index by text, image, or both",
+             description="The query vector is the image embedding, the text embedding, or (both sent) their "
+             "mean re-normalised. `filter` keeps only items whose metadata has every given key with an equal "
+             "scalar value; the top-k is exact within those items. 503 `index_unavailable` when the index could "
+             "not be opened (the message says how to recover, e.g. `mmfusion index rebuild`).")
 async def search(request: Request, state: State) -> SearchResponse:
     pipeline = state.require_pipeline()
-    if state.index is None:
-        raise NotReadyError(state.notes.get("index", "the vector index is not available"))
+    index = state.require_index()
     payload = await read_payload(request, SearchJSONRequest, max_part_bytes=state.settings.max_upload_bytes)
     text = check_text(payload.text, state.settings.max_text_chars, required=False)
     if payload.image is None and text is None:
@@ -88,26 +155,19 @@ async def search(request: Request, state: State) -> SearchResponse:
     k = _parse_k(payload.fields.get("k"), state.settings.max_top_k)
     flt = _parse_filter(payload.fields.get("filter"))
     timings = Timings()
-    parts: list[np.ndarray] = []
-    kinds: list[str] = []
+    pixels = None
     if payload.image is not None:
         t = time.perf_counter()
         pixels = await decode(state, payload.image)
-        parts.append((await infer(pipeline.embed_images, pixels[None]))[0])
-        kinds.append("image")
-        timings.add("image_encoder", t)
-    if text is not None:
-        t = time.perf_counter()
-        emb, _ = await infer(pipeline.embed_texts, [text])
-        parts.append(emb[0])
-        kinds.append("text")
-        timings.add("text_encoder", t)
+        timings.add("decode", t)
+    vectors, kinds, _ = await infer(embed_mixed, pipeline, [pixels], [text], timings)
     t = time.perf_counter()
-    hits = (await infer(state.index.search, combine(parts), k, flt))[0]
+    hits = (await infer(index.search, vectors[0], k, flt))[0]
     timings.add("index_search", t)
     return SearchResponse(
-        hits=[SearchHit(id=h.id, score=float(h.score), text=h.text, metadata=h.metadata or {}) for h in hits],
-        query="+".join(kinds),
+        hits=[SearchHit(id=h.id, score=float(h.score), text=h.text, metadata=public_metadata(h.metadata))
+              for h in hits],
+        query=kinds[0],
         model=state.model_ref(),
         timings_ms=timings.stages,
     )
