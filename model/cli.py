@@ -1,4 +1,4 @@
-"""Training-side commands: train, export, verify, build-default. ``main(argv)`` is test-callable."""
+"""Training-side commands: train, export, verify, evaluate, ablate, build-default. ``main(argv)`` is test-callable."""
 
 from __future__ import annotations
 
@@ -41,20 +41,58 @@ FIELD_HELP: dict[str, str] = {
 }
 
 
+def _field_docs() -> dict[str, str]:
+    """The attribute docstrings under TrainConfig's fields (``x: int = 1`` then ``\"\"\"doc\"\"\"``).
+
+    Read from the source with ``ast`` so a field added to TrainConfig gets help text from its own
+    docstring without anyone remembering to update FIELD_HELP.
+    """
+    import ast
+    import inspect
+    import itertools
+    import textwrap
+
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(TrainConfig)))
+    except (OSError, TypeError, SyntaxError):  # no source available (frozen app): FIELD_HELP only
+        return {}
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    docs: dict[str, str] = {}
+    for node, nxt in itertools.pairwise(body):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     hints = typing.get_type_hints(TrainConfig)
+    docs = _field_docs()
     for f in dataclasses.fields(TrainConfig):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         hint = hints[f.name]
-        kind: type = str
-        if hint in (int, int | None):
+        origin = typing.get_origin(hint)
+        kind: typing.Callable[[str], object] = str
+        if hint in (bool, bool | None):
+            kind = _parse_bool
+        elif hint in (int, int | None):
             kind = int
-        elif hint is float:
+        elif hint in (float, float | None):
             kind = float
-        elif f.name == "encoder_kwargs":
-            kind = json.loads  # type: ignore[assignment]
+        elif hint is dict or origin is dict or hint is list or origin is list:
+            kind = json.loads
+        text = FIELD_HELP.get(f.name) or docs.get(f.name) or f"TrainConfig.{f.name}"
         parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=None,
-                            help=f"{FIELD_HELP.get(f.name, '')} (default: {default!r})")
+                            help=f"{text} (default: {default!r})".replace("%", "%%"))
 
 
 def _config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -66,35 +104,111 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig.from_dict(base)
 
 
+def _register_baselines() -> None:
+    """The image_only/text_only ablation baselines live in model/ablate.py; register them before any
+    command builds a model, so their runs train, export and evaluate like any other strategy."""
+    import model.ablate  # noqa: F401  (registration side effect)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from model.train import train
 
+    _register_baselines()
     cfg = _config_from_args(args)
     t0 = time.perf_counter()
     run_dir = train(cfg, progress=not args.quiet, resume=args.resume)
     print(f"trained in {time.perf_counter() - t0:.1f}s -> {run_dir}")
+    if not args.no_plots:
+        from model.plots import plot_run
+
+        try:
+            for path in plot_run(Path(run_dir)):
+                print(f"plot: {path}")
+        except Exception as exc:  # a plotting problem must not turn a finished training run into a failure
+            print(f"warning: could not write plots for {run_dir}: {type(exc).__name__}: {exc}", file=sys.stderr)
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from model.export import export_bundle
+    from model.quantize import Int8Options
 
-    manifest = export_bundle(Path(args.run), Path(args.out), which=args.checkpoint, progress=not args.quiet)
-    print(json.dumps({"bundle": str(args.out), "parity": manifest.parity.model_dump()}, indent=2))
+    _register_baselines()
+    options = Int8Options(
+        calibration_samples=args.calibration_samples,
+        min_agreement=args.min_agreement,
+        require_speedup=not args.keep_slower_int8,
+    )
+    manifest = export_bundle(Path(args.run), Path(args.out), which=args.checkpoint, progress=not args.quiet,
+                             int8=args.int8, int8_options=options)
+    summary = {
+        "bundle": str(args.out),
+        "precisions": manifest.precisions(),
+        "parity": manifest.parity.model_dump(),
+        "quality": {k: v.model_dump() for k, v in manifest.quality.items()},
+    }
+    if args.int8:
+        from model.export import QUANTIZATION_REPORT
+        from model.quantize import format_report
+
+        summary["int8_files"] = {role: spec.variants["int8"].file for role, spec in manifest.graphs.items()}  # type: ignore[index]
+        if args.quiet:  # export_bundle printed the speed table already unless quiet; always show it once
+            print(format_report(json.loads((Path(args.out) / QUANTIZATION_REPORT).read_text(encoding="utf-8"))))
+    print(json.dumps(summary, indent=2))
     return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from model.verify import verify_bundle
 
-    report = verify_bundle(Path(args.bundle))
-    print(json.dumps(report, indent=2))
+    if args.run:
+        _register_baselines()
+    report = verify_bundle(
+        Path(args.bundle),
+        run_dir=Path(args.run) if args.run else None,
+        data=Path(args.data) if args.data else None,
+        split=args.split,
+        margin=args.margin,
+        min_int8_agreement=args.min_int8_agreement,
+    )
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.report:
+        Path(args.report).write_text(text + "\n", encoding="utf-8")
     return 0 if report["ok"] else 1
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from model.evaluate import EvaluationError, evaluate_target, format_table, to_json
+
+    _register_baselines()
+    try:
+        ev = evaluate_target(Path(args.target), args.split, which=args.checkpoint, precision=args.precision,
+                             data=Path(args.data) if args.data else None,
+                             captions=Path(args.captions) if args.captions else None)
+    except (EvaluationError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(to_json(ev) if args.json else format_table(ev), end="" if not args.json else "\n")
+    return 0
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from model.ablate import ablate, format_table
+
+    fusions = [f.strip() for f in args.fusions.split(",") if f.strip()] if args.fusions else None
+    overrides = {"epochs": args.epochs, "demo_images": args.demo_images, "seed": args.seed}
+    rows = ablate(pretrained=args.pretrained, work_dir=Path(args.work_dir), out_dir=Path(args.out_dir),
+                  fusions=fusions, overrides=overrides, progress=not args.quiet)
+    print(format_table(rows))
+    print(f"written: {Path(args.out_dir) / 'ablation.json'}, {Path(args.out_dir) / 'ablation.md'}")
+    return 0
 
 
 def cmd_build_default(args: argparse.Namespace) -> int:
     from model.default_bundle import build_default
 
+    _register_baselines()
     out = Path(args.out)
     if args.if_missing and (out / "manifest.json").is_file():
         print(f"default bundle already present at {out}")
@@ -112,30 +226,91 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="JSON file with TrainConfig fields")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--no-plots", action="store_true",
+                   help="do not write training_curves.png and confusion_matrix_val.png into the run folder")
     _add_config_flags(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("export", help="export a training run to an ONNX model bundle")
+    p = sub.add_parser("export", help="export a training run to an ONNX model bundle",
+                       description="Export a run to a bundle (ONNX graphs + tokenizer + labels + manifest), "
+                       "refusing to write it if ONNX Runtime does not reproduce PyTorch.")
     p.add_argument("run", help="training run folder (holding best.pt)")
-    p.add_argument("--out", required=True, help="bundle folder to write")
-    p.add_argument("--checkpoint", default="best", choices=["best", "last"])
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--out", required=True, help="bundle folder to write (replaced if it exists)")
+    p.add_argument("--checkpoint", default="best", choices=["best", "last"],
+                   help="which checkpoint of the run to export (default: best)")
+    p.add_argument("--int8", action="store_true",
+                   help="also write an int8 variant per graph (static QDQ for CNNs, dynamic for text encoders, "
+                   "chosen by measured speed and agreement; a graph INT8 does not speed up keeps its fp32 file)")
+    p.add_argument("--calibration-samples", type=int, default=128,
+                   help="training samples that calibrate the static INT8 ranges (default: 128)")
+    p.add_argument("--min-agreement", type=float, default=0.99,
+                   help="pipeline top-1 agreement with fp32 (val split) the int8 variant must keep; graphs revert "
+                   "to fp32 until it does (default: 0.99)")
+    p.add_argument("--keep-slower-int8", action="store_true",
+                   help="keep a faithful INT8 graph even when it is not faster than fp32 on this CPU")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("verify", help="re-check a bundle: manifest, sha256, ONNX checker, ORT loads and runs")
-    p.add_argument("bundle")
+    p = sub.add_parser("verify", help="re-check a bundle: manifest, sha256, ONNX checker, ORT loads and runs, "
+                       "variant agreement", description="Re-run every bundle check and print a JSON report; "
+                       "exit code 0 when everything passes, 1 otherwise.")
+    p.add_argument("bundle", help="bundle folder (holding manifest.json)")
+    p.add_argument("--run", help="the training run the bundle came from: also re-measure fp32 parity against "
+                   "PyTorch, and take real samples from its dataset")
+    p.add_argument("--data", help="CSV/JSONL manifest (image,text,label,split) of real samples to measure "
+                   "agreement on (default: the run's data, else demo data next to the bundle, else random inputs)")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"],
+                   help="split of the real samples to use (default: test)")
+    p.add_argument("--margin", type=float, default=0.01,
+                   help="how far a re-measured agreement may fall below the recorded one (default: 0.01)")
+    p.add_argument("--min-int8-agreement", type=float, default=0.99,
+                   help="minimum top-1 agreement of int8 with fp32 on real samples (default: 0.99)")
+    p.add_argument("--report", help="also write the JSON report to this file")
     p.set_defaults(func=cmd_verify)
 
+    p = sub.add_parser("evaluate", help="held-out metrics of a run (PyTorch) or a bundle (ONNX Runtime)",
+                       description="Accuracy, macro-F1 (and AUROC for binary tasks); Recall@1/5/10 and median "
+                       "rank in both directions for retrieval.")
+    p.add_argument("target", help="training run folder or bundle folder")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"],
+                   help="split to evaluate (default: test)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--checkpoint", default="best", choices=["best", "last"],
+                   help="for a run: which checkpoint (default: best)")
+    p.add_argument("--precision", default="fp32", choices=["auto", "fp32", "fp16", "int8"],
+                   help="for a bundle: which precision variant to run (default: fp32)")
+    p.add_argument("--data", help="for a bundle: labelled CSV/JSONL manifest (image,text,label,split); default: "
+                   "the demo data build-default leaves next to the bundle")
+    p.add_argument("--captions", help="for a bundle: CSV/JSONL caption pairs (image,text,split) for retrieval")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("ablate", help="train every fusion strategy plus image-only/text-only baselines, one table",
+                       description="Trains each registered fusion strategy and the two single-modality baselines "
+                       "on the same demo data; writes benchmarks/results/ablation.{json,md}.")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--fast", action="store_true", help="small from-scratch encoders (the default)")
+    mode.add_argument("--pretrained", action="store_true",
+                      help="the real frozen encoders (EfficientNet-Lite0 + MiniLM)")
+    p.add_argument("--fusions", help="comma-separated strategies to run (default: every registered one + baselines)")
+    p.add_argument("--epochs", type=int, help="override the maximum epochs per model")
+    p.add_argument("--demo-images", type=int, help="override the number of demo images")
+    p.add_argument("--seed", type=int, help="override the seed (default: 0)")
+    p.add_argument("--work-dir", default="runs/ablation", help="where runs and bundles go (default: runs/ablation)")
+    p.add_argument("--out-dir", default="benchmarks/results",
+                   help="where ablation.json and ablation.md go (default: benchmarks/results)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=cmd_ablate)
+
     p = sub.add_parser("build-default", help="generate demo data, train, export and index the default bundle")
-    p.add_argument("--out", default="models/default")
+    p.add_argument("--out", default="models/default", help="bundle folder to write (default: models/default)")
     p.add_argument("--if-missing", action="store_true", help="do nothing if OUT/manifest.json exists")
     p.add_argument("--fast", action="store_true", help="tiny from-scratch model (seconds; for tests)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_build_default)
     return parser
 
 
-TRAIN_COMMANDS = ("train", "export", "verify", "build-default")
+TRAIN_COMMANDS = ("train", "export", "verify", "evaluate", "ablate", "build-default")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,6 +23,14 @@ class TrainConfig:
     image_encoder: str = "small_cnn"
     text_encoder: str = "bilstm"
     fusion: str = "concat"
+    """A name in model.fusion.FUSIONS: concat | weighted_sum | gmu | cross_attention | late."""
+    sequence_stage: str = "none"
+    """none | bilstm | transformer: a sequence model inside the fusion (what it runs over depends
+    on the strategy; see model/fusion/sequence.py)."""
+    fusion_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Strategy-specific builder arguments, e.g. {"num_heads": 4, "num_layers": 2, "dropout": 0.1}."""
+    aux_weight: float = 0.0
+    """Weight of the auxiliary per-modality losses CE(image head) + CE(text head); 0 = no aux heads."""
     image_size: int | None = None
     """Override the encoder's native input size (the small CNN defaults to 64)."""
     max_length: int = 32

@@ -3,6 +3,9 @@
 Uses the legacy TorchScript exporter (``dynamo=False``): on this stack it exports in under a
 second at opset 17 with dynamic batch/sequence axes and gives a faster text graph than the
 dynamo exporter (measured, see shared FIELD-NOTES).
+
+``int8=True`` adds an INT8 variant of every graph, chosen per graph by measurement (see
+``model/quantize.py``); a graph INT8 does not help on this CPU gets the fp32 file as its int8 variant.
 """
 
 from __future__ import annotations
@@ -30,16 +33,22 @@ from app.bundle.manifest import (
     ParityReport,
     TensorSpec,
     TextPreprocessing,
+    VariantQuality,
 )
 from app.bundle.verify import load_bundle_manifest, sha256_file
 from app.preprocessing.image import preprocess_pil
 from app.preprocessing.text import TextTokenizer
+from model.data.rows import Row
 from model.fusion_model import FusionHeadGraph, FusionModel, ImageEncoderGraph, TextEncoderGraph
+from model.quantize import Int8Options, Int8Report, QuantData, load_samples, quantize_graphs, spread_rows
 from model.train import load_run
 
 OPSET = 17
 PROB_TOLERANCE = 1e-4
 COSINE_TOLERANCE = 0.9999
+QUANTIZATION_REPORT = "quantization.json"
+"""Written next to the graphs by ``--int8``: per-graph candidates, speeds and the choice made (for
+humans; not part of the hashed contract, the manifest's ``quality`` carries the figures that matter)."""
 
 _ONNX_DTYPES = {
     onnx.TensorProto.FLOAT: "float32",
@@ -230,6 +239,50 @@ def parity_inputs(
     return ParityInputs(np.concatenate(pix), ids, enc.attention_mask), source
 
 
+def quant_data(rows_by_split: dict[str, list[Row]], image_pre: ImagePreprocessing, labels: list[str],
+               options: Int8Options, seed: int = 0) -> QuantData:
+    """Calibration from train, selection from val, recorded quality from test (falling back to the
+    next split when one is empty, so a user dataset without a val split still exports)."""
+
+    def pick(*names: str) -> list[Row]:
+        for n in names:
+            if rows_by_split.get(n):
+                return rows_by_split[n]
+        raise ValueError("the dataset has no rows to calibrate and evaluate the int8 variant on")
+
+    calib = spread_rows(pick("train", "val", "test"), seed)[: options.calibration_samples]
+    select = spread_rows(pick("val", "test", "train"), seed)[: options.selection_samples]
+    evaluate = pick("test", "val", "train")[: options.evaluation_samples]
+    return QuantData(load_samples(calib, image_pre, labels), load_samples(select, image_pre, labels),
+                     load_samples(evaluate, image_pre, labels))
+
+
+def add_int8_variants(
+    bundle_dir: Path,
+    graphs: dict[str, GraphSpec],
+    tokenizer: TextTokenizer,
+    data: QuantData,
+    options: Int8Options,
+    progress: bool = False,
+) -> tuple[dict[str, GraphSpec], VariantQuality, Int8Report]:
+    """Quantize the fp32 graphs in ``bundle_dir`` and return the graphs with their ``int8`` variants."""
+    fp32_files = {role: spec.variants["fp32"].file for role, spec in graphs.items()}
+    files, report = quantize_graphs(bundle_dir, fp32_files, tokenizer, data, options, progress=progress)
+    updated: dict[str, GraphSpec] = {}
+    for role, spec in graphs.items():
+        path = bundle_dir / files[role]
+        variant = GraphFile(file=files[role], sha256=sha256_file(path), size_bytes=path.stat().st_size)
+        updated[role] = spec.model_copy(update={"variants": {**spec.variants, "int8": variant}})
+    quality = VariantQuality(
+        top1_agreement=report.top1_agreement,
+        accuracy=report.accuracy,
+        accuracy_drop=report.accuracy_drop,
+        min_embedding_cosine=report.min_embedding_cosine,
+        samples=report.samples,
+    )
+    return updated, quality, report
+
+
 def export_bundle(
     run_dir: Path,
     out_dir: Path,
@@ -238,8 +291,15 @@ def export_bundle(
     real_samples: int = 32,
     metrics: dict[str, float] | None = None,
     progress: bool = True,
+    int8: bool = False,
+    int8_options: Int8Options | None = None,
 ) -> BundleManifest:
-    """Write ONNX graphs + tokenizer + labels + manifest.json, refusing to ship on a parity failure."""
+    """Write ONNX graphs + tokenizer + labels + manifest.json, refusing to ship on a parity failure.
+
+    ``int8`` adds an ``int8`` variant per graph (see ``model/quantize.py``): calibrated on training
+    samples, chosen by measured speed and fidelity, with its top-1 agreement with fp32 on the test
+    split recorded in ``quality["int8"]``.
+    """
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     model, cfg, ckpt = load_run(run_dir, which)
     image_pre = ImagePreprocessing.model_validate(ckpt["image_preprocessing"])
@@ -252,10 +312,12 @@ def export_bundle(
     (tmp / "labels.txt").write_text("\n".join(labels) + "\n", encoding="utf-8")
     tokenizer = TextTokenizer(tmp / "tokenizer.json", int(ckpt["max_length"]))
     real: list[tuple[Path, str]] = []
-    if real_samples:
+    data = None
+    if real_samples or int8:
         from model.data.prepared import prepare_data
 
         data = prepare_data(cfg, progress=False)
+    if real_samples and data is not None:
         rows = data.split("test") or data.split("val") or data.rows
         real = [(r.image, r.text) for r in rows[:real_samples]]
     vocab = tokenizer._tok.get_vocab_size()
@@ -267,6 +329,16 @@ def export_bundle(
         or parity.min_text_embedding_cosine < COSINE_TOLERANCE
     ):
         raise ParityError(f"ONNX Runtime does not reproduce PyTorch: {parity.model_dump()}")
+    quality: dict[str, VariantQuality] = {}
+    if int8 and data is not None:
+        options = int8_options or Int8Options()
+        qdata = quant_data({s: data.split(s) for s in ("train", "val", "test")}, image_pre, labels, options, cfg.seed)
+        if progress:
+            print("int8: measuring candidates per graph (speed at batch 1/8, fidelity on the val split)")
+        graphs, quality["int8"], report = add_int8_variants(tmp, graphs, tokenizer, qdata, options, progress)
+        (tmp / QUANTIZATION_REPORT).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+        if progress:
+            print(report.table())
     all_metrics = {k: float(v) for k, v in (ckpt.get("metrics") or {}).items() if isinstance(v, int | float)}
     all_metrics.update(metrics or {})
     manifest = BundleManifest(
@@ -284,6 +356,7 @@ def export_bundle(
         ),
         graphs=graphs,  # type: ignore[arg-type]
         parity=parity,
+        quality=quality,  # type: ignore[arg-type]
         metrics=all_metrics,
         model=ModelInfo(
             image_encoder=cfg.image_encoder,

@@ -7,6 +7,7 @@ objective are trained jointly, so one bundle serves both /v1/classify and /v1/se
 from __future__ import annotations
 
 import json
+import math
 import random
 import shutil
 import time
@@ -26,9 +27,22 @@ from model.build import BuiltModel, build_model
 from model.config import TrainConfig
 from model.data.prepared import PreparedData, prepare_data
 from model.data.rows import Row
+from model.feature_cache import (
+    EncodeImages,
+    EncodeTexts,
+    FeatureCache,
+    cache_dir_for,
+    encoder_identity,
+    file_sha256,
+    image_features,
+    is_frozen,
+    text_features,
+)
 from model.fusion_model import FusionModel
 from model.heads import info_nce
 from model.metrics import classification_metrics, retrieval_metrics
+
+FROZEN_PREFIXES = {"image_encoder": "image_encoder.", "text_encoder": "text_encoder."}
 
 
 def seed_everything(seed: int) -> None:
@@ -48,16 +62,84 @@ def load_images(paths: list[Path], spec: ImagePreprocessing, progress: bool = Tr
 
 @dataclass
 class TrainState:
+    """The model plus where its encoder outputs come from.
+
+    ``encode_images(idx)`` / ``encode_texts(texts)`` either run the encoder (trainable encoders:
+    on preprocessed pixels / tokenised text) or look up cached features (frozen encoders), so
+    the loop and the evaluation are the same code in both cases.
+    """
+
     model: FusionModel
     built: BuiltModel
     data: PreparedData
-    images: torch.Tensor
     tokenizer: TextTokenizer
+    encode_images: EncodeImages
+    encode_texts: EncodeTexts
+    images: torch.Tensor | None = None
+    """Preprocessed pixels of every image; only loaded when the image encoder is trained."""
+    cache: FeatureCache | None = None
 
 
 def _encode(tok: TextTokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     enc = tok.encode(texts)
     return torch.from_numpy(enc.input_ids), torch.from_numpy(enc.attention_mask)
+
+
+def frozen_identities(built: BuiltModel, cfg: TrainConfig) -> dict[str, str]:
+    """Weight digests of the frozen encoders (their features are cached, their weights not checkpointed)."""
+    model = built.model
+    out = {}
+    if is_frozen(model.image_encoder):
+        out["image_encoder"] = encoder_identity(cfg.image_encoder, model.image_encoder, built.image_kwargs)
+    if is_frozen(model.text_encoder):
+        out["text_encoder"] = encoder_identity(cfg.text_encoder, model.text_encoder, built.text_kwargs)
+    return out
+
+
+def make_state(
+    built: BuiltModel,
+    cfg: TrainConfig,
+    data: PreparedData,
+    tokenizer_file: Path,
+    run_dir: Path,
+    *,
+    identities: dict[str, str] | None = None,
+    use_cache: bool = True,
+    progress: bool = True,
+) -> TrainState:
+    """Wire each modality to a live encoder or to cached frozen features (computed once, on disk)."""
+    model = built.model
+    tokenizer = TextTokenizer(tokenizer_file, built.max_length)
+    identities = frozen_identities(built, cfg) if identities is None else identities
+    cache = FeatureCache(cache_dir_for(run_dir, cfg.encoder_kwargs)) if use_cache and identities else None
+    images: torch.Tensor | None = None
+    encode_images: EncodeImages
+    encode_texts: EncodeTexts
+    if cache is not None and "image_encoder" in identities:
+        encode_images = image_features(
+            model.image_encoder, identities["image_encoder"], data.image_paths, built.image_pre, cache,
+            progress=progress,
+        )
+    else:
+        pixels = images = load_images(data.image_paths, built.image_pre, progress)
+
+        def encode_images(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return model.encode_image(pixels[idx])
+
+    if cache is not None and "text_encoder" in identities:
+        texts = [r.text for r in data.rows] + [r.text for r in data.captions]
+        encode_texts = text_features(
+            model.text_encoder, identities["text_encoder"], tokenizer, file_sha256(tokenizer_file), texts, cache,
+            progress=progress,
+        )
+    else:
+
+        def encode_texts(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            ids, mask = _encode(tokenizer, texts)
+            pooled, tokens = model.encode_text(ids, mask)
+            return pooled, tokens, mask
+
+    return TrainState(model, built, data, tokenizer, encode_images, encode_texts, images, cache)
 
 
 @torch.no_grad()
@@ -73,8 +155,9 @@ def evaluate_split(state: TrainState, split: str, batch_size: int = 128) -> dict
         for s in range(0, len(rows), batch_size):
             chunk = rows[s : s + batch_size]
             idx = torch.tensor([data.image_index[r.image] for r in chunk])
-            ids, mask = _encode(state.tokenizer, [r.text for r in chunk])
-            probs.append(torch.softmax(model(state.images[idx], ids, mask), -1).numpy())
+            ip, ir = state.encode_images(idx)
+            tp, tt, mask = state.encode_texts([r.text for r in chunk])
+            probs.append(torch.softmax(model.classify_features(ip, ir, tp, tt, mask), -1).numpy())
         y = np.array([label_idx[r.label] for r in rows if r.label is not None])
         metrics.update(classification_metrics(y, np.concatenate(probs), prefix=f"{split}_"))
     caps = data.caption_split(split)
@@ -83,12 +166,11 @@ def evaluate_split(state: TrainState, split: str, batch_size: int = 128) -> dict
         local = {g: i for i, g in enumerate(img_ids)}
         img_emb = []
         for s in range(0, len(img_ids), batch_size):
-            pooled, _ = model.encode_image(state.images[img_ids[s : s + batch_size]])
-            img_emb.append(model.contrastive.embed_image(pooled).numpy())
+            pooled, regions = state.encode_images(torch.tensor(img_ids[s : s + batch_size]))
+            img_emb.append(model.contrastive.embed_image(pooled, regions).numpy())
         txt_emb = []
         for s in range(0, len(caps), batch_size):
-            ids, mask = _encode(state.tokenizer, [r.text for r in caps[s : s + batch_size]])
-            pooled, _ = model.encode_text(ids, mask)
+            pooled, _, _ = state.encode_texts([r.text for r in caps[s : s + batch_size]])
             txt_emb.append(model.contrastive.embed_text(pooled).numpy())
         owner = np.array([local[data.image_index[r.image]] for r in caps])
         metrics.update(
@@ -106,8 +188,56 @@ def _caption_lookup(data: PreparedData) -> dict[int, list[str]]:
     return out
 
 
+LR_SCHEDULES = ("constant", "cosine")
+WARMUP_FRACTION = 0.05
+
+
+def lr_factor(schedule: str, step: int, total_steps: int) -> float:
+    """Multiplier of ``cfg.lr`` at optimiser step ``step`` (0-based) of ``total_steps``.
+
+    ``cosine``: linear warm-up over the first 5% of steps, then cosine decay to 0. A pure
+    function of the step (no scheduler state), so a resumed run continues exactly where it was.
+    """
+    if schedule == "constant":
+        return 1.0
+    if schedule != "cosine":
+        raise ValueError(f"unknown lr_schedule {schedule!r}; choose one of {LR_SCHEDULES}")
+    warmup = max(1, round(WARMUP_FRACTION * total_steps))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def trainable_state_dict(model: FusionModel, identities: dict[str, str]) -> dict[str, torch.Tensor]:
+    """The state dict minus frozen encoders: those are rebuilt from their pretrained weights on load
+    (and checked against ``identities``), which keeps checkpoints a few MB instead of ~100 MB."""
+    skip = tuple(FROZEN_PREFIXES[role] for role in identities)
+    return {k: v for k, v in model.state_dict().items() if not (skip and k.startswith(skip))}
+
+
+def load_trainable_state(built: BuiltModel, cfg: TrainConfig, ckpt: dict) -> None:
+    """Load a checkpoint's weights; frozen encoders left out of it must be the very weights it was trained with."""
+    model = built.model
+    recorded: dict[str, str] = dict(ckpt.get("frozen_encoders") or {})
+    if recorded:
+        current = frozen_identities(built, cfg)
+        for role, identity in recorded.items():
+            if current.get(role) != identity:
+                raise RuntimeError(
+                    f"the checkpoint was trained with a frozen {role} whose weights differ from the ones installed now "
+                    f"({identity[:12]} vs {str(current.get(role))[:12]}); reinstall the original weights or retrain"
+                )
+    result = model.load_state_dict(ckpt["state_dict"], strict=False)
+    allowed = tuple(FROZEN_PREFIXES[role] for role in recorded)
+    missing = [k for k in result.missing_keys if not (allowed and k.startswith(allowed))]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(f"checkpoint does not fit the model: missing {missing[:10]}, "
+                           f"unexpected {result.unexpected_keys[:10]}")
+
+
 def _save_checkpoint(path: Path, state: TrainState, cfg: TrainConfig, optimizer: torch.optim.Optimizer,
-                     epoch: int, metrics: dict[str, float], best: float) -> None:
+                     epoch: int, metrics: dict[str, float], best: float, identities: dict[str, str]) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(
         {
@@ -115,7 +245,8 @@ def _save_checkpoint(path: Path, state: TrainState, cfg: TrainConfig, optimizer:
             "labels": state.data.labels,
             "image_preprocessing": state.built.image_pre.model_dump(mode="json"),
             "max_length": state.built.max_length,
-            "state_dict": state.model.state_dict(),
+            "state_dict": trainable_state_dict(state.model, identities),
+            "frozen_encoders": identities,
             "optimizer": optimizer.state_dict(),
             "epoch": epoch,
             "metrics": metrics,
@@ -128,7 +259,12 @@ def _save_checkpoint(path: Path, state: TrainState, cfg: TrainConfig, optimizer:
 
 
 def train(cfg: TrainConfig, *, progress: bool = True, resume: bool = False) -> Path:
-    """Train and return the run folder (holding best.pt, last.pt, results.jsonl, config.json)."""
+    """Train and return the run folder (holding best.pt, last.pt, results.jsonl, config.json).
+
+    Frozen encoders (``freeze=True``, the default for the pretrained ones) are run once per
+    distinct image/text and their outputs cached on disk; the epochs then train only fusion and
+    heads on those features.
+    """
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     seed_everything(cfg.seed)
@@ -143,15 +279,15 @@ def train(cfg: TrainConfig, *, progress: bool = True, resume: bool = False) -> P
     cfg.save(run_dir / "config.json")
     (run_dir / "labels.txt").write_text("\n".join(data.labels) + "\n", encoding="utf-8")
     model = built.model
-    state = TrainState(model, built, data, load_images(data.image_paths, built.image_pre, progress),
-                       TextTokenizer(tokenizer_file, built.max_length))
+    identities = frozen_identities(built, cfg)
+    state = make_state(built, cfg, data, tokenizer_file, run_dir, identities=identities, progress=progress)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     start_epoch, best, stale = 0, -float("inf"), 0
     results_path = run_dir / "results.jsonl"
     if resume and (run_dir / "last.pt").is_file():
         ckpt = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)
-        model.load_state_dict(ckpt["state_dict"])
+        load_trainable_state(built, cfg, ckpt)
         optimizer.load_state_dict(ckpt["optimizer"])
         start_epoch, best = int(ckpt["epoch"]) + 1, float(ckpt["best_metric"])
         torch.set_rng_state(ckpt["rng"]["torch"])
@@ -164,30 +300,42 @@ def train(cfg: TrainConfig, *, progress: bool = True, resume: bool = False) -> P
     captions = _caption_lookup(data)
     train_rows: list[Row] = data.split("train")
     rng = np.random.default_rng(cfg.seed)
+    # Kept in encoder_kwargs until TrainConfig grows an ``lr_schedule`` field.
+    schedule = str(cfg.encoder_kwargs.get("lr_schedule", "constant"))
+    steps_per_epoch = math.ceil(len(train_rows) / cfg.batch_size)
+    lr_factor(schedule, 0, 1)  # refuse an unknown schedule before any work
+    for _ in range(start_epoch):  # a resumed run continues the same shuffling sequence
+        rng.permutation(len(train_rows))
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
+        for encoder in (model.image_encoder, model.text_encoder):
+            if is_frozen(encoder):
+                encoder.eval()  # frozen means deterministic: no BatchNorm statistics updates, no dropout
         t0 = time.perf_counter()
         perm = rng.permutation(len(train_rows))
         total, n = 0.0, 0
         bar = tqdm(range(0, len(perm), cfg.batch_size), desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    disable=not progress, leave=False)
-        for s in bar:
+        for step, s in enumerate(bar):
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * lr_factor(schedule, epoch * steps_per_epoch + step, steps_per_epoch * cfg.epochs)
             chunk = [train_rows[i] for i in perm[s : s + cfg.batch_size]]
             idx = torch.tensor([data.image_index[r.image] for r in chunk])
-            ids, mask = _encode(state.tokenizer, [r.text for r in chunk])
-            ip, ir = model.encode_image(state.images[idx])
-            tp, tt = model.encode_text(ids, mask)
+            ip, ir = state.encode_images(idx)
+            tp, tt, mask = state.encode_texts([r.text for r in chunk])
             logits = model.classify_features(ip, ir, tp, tt, mask)
             y = torch.tensor([label_idx[r.label] for r in chunk if r.label is not None])
             loss = F.cross_entropy(logits, y)
+            if cfg.aux_weight > 0:
+                image_logits, text_logits = model.aux_logits(ip, tp)
+                loss = loss + cfg.aux_weight * (F.cross_entropy(image_logits, y) + F.cross_entropy(text_logits, y))
             with_caps = [i for i, g in enumerate(idx.tolist()) if g in captions]
             if cfg.contrastive_weight > 0 and len(with_caps) > 1:
                 cap_texts = [random.choice(captions[int(idx[i])]) for i in with_caps]
-                cids, cmask = _encode(state.tokenizer, cap_texts)
-                cp, _ = model.encode_text(cids, cmask)
+                cp, _, _ = state.encode_texts(cap_texts)
                 head = model.contrastive
                 loss = loss + cfg.contrastive_weight * info_nce(
-                    head.embed_image(ip[with_caps]), head.embed_text(cp), head.scale(), idx[with_caps]
+                    head.embed_image(ip[with_caps], ir[with_caps]), head.embed_text(cp), head.scale(), idx[with_caps]
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -205,7 +353,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, resume: bool = False) -> P
             best, stale = score, 0
         else:
             stale += 1
-        _save_checkpoint(run_dir / "last.pt", state, cfg, optimizer, epoch, metrics, best)
+        _save_checkpoint(run_dir / "last.pt", state, cfg, optimizer, epoch, metrics, best, identities)
         if improved:
             shutil.copyfile(run_dir / "last.pt", run_dir / "best.pt")
         if progress:
@@ -219,7 +367,11 @@ def train(cfg: TrainConfig, *, progress: bool = True, resume: bool = False) -> P
 
 
 def load_built(run_dir: Path, which: str = "best") -> tuple[BuiltModel, TrainConfig, dict]:
-    """Rebuild a trained model from its run folder (config + tokenizer + checkpoint)."""
+    """Rebuild a trained model from its run folder (config + tokenizer + checkpoint).
+
+    The full model comes back, frozen encoders included (rebuilt from their pretrained weights),
+    so export always traces the real encoders, never the feature cache.
+    """
     run_dir = Path(run_dir)
     path = run_dir / f"{which}.pt"
     if not path.is_file():
@@ -227,7 +379,7 @@ def load_built(run_dir: Path, which: str = "best") -> tuple[BuiltModel, TrainCon
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     cfg = TrainConfig.from_dict(ckpt["config"])
     built = build_model(cfg, len(ckpt["labels"]), run_dir / "tokenizer.json")
-    built.model.load_state_dict(ckpt["state_dict"])
+    load_trainable_state(built, cfg, ckpt)
     built.model.eval()
     return built, cfg, ckpt
 
@@ -237,11 +389,17 @@ def load_run(run_dir: Path, which: str = "best") -> tuple[FusionModel, TrainConf
     return built.model, cfg, ckpt
 
 
-def evaluate_run(run_dir: Path, split: str = "test", which: str = "best", progress: bool = False) -> dict[str, float]:
-    """Metrics of a checkpoint on one split (``test`` is never used for training or selection)."""
-    built, cfg, _ = load_built(run_dir, which)
+def evaluate_run(
+    run_dir: Path, split: str = "test", which: str = "best", progress: bool = False, use_cache: bool = True
+) -> dict[str, float]:
+    """Metrics of a checkpoint on one split (``test`` is never used for training or selection).
+
+    Frozen encoders' features come from the feature cache (the same key as in training, so
+    mostly hits); ``use_cache=False`` runs every encoder live instead.
+    """
+    run_dir = Path(run_dir)
+    built, cfg, ckpt = load_built(run_dir, which)
     data = prepare_data(cfg, progress=progress)
-    images = load_images(data.image_paths, built.image_pre, progress)
-    tokenizer = TextTokenizer(Path(run_dir) / "tokenizer.json", built.max_length)
-    state = TrainState(built.model, built, data, images, tokenizer)
+    state = make_state(built, cfg, data, run_dir / "tokenizer.json", run_dir,
+                       identities=dict(ckpt.get("frozen_encoders") or {}), use_cache=use_cache, progress=progress)
     return evaluate_split(state, split)

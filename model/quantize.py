@@ -1,0 +1,701 @@
+"""INT8 variants of a bundle's graphs, chosen per graph by measurement on this CPU.
+
+Why per graph and why measured: INT8 is not one thing. On CPUs, dynamic quantization of a CNN
+(``ConvInteger``) is a trap (FIELD-NOTES: 6-18x slower than fp32 and features at cosine 0.885),
+while static QDQ with calibrated activation ranges is fast, and faithful on CPUs with VNNI, but
+*not* on x86 CPUs without it (U8S8 saturation, see ``candidates_for``); transformer/LSTM text
+encoders are the opposite (dynamic per-channel INT8 is fast and accurate, no calibration data
+needed); and a small fusion head may gain nothing from INT8 at all. So each graph gets the
+candidates that can work for its kind, every candidate is measured on this CPU (speed at batch 1
+and 8, timed alternately with fp32, and the fidelity of the outputs something consumes, against
+fp32 on real validation samples), and a graph keeps fp32 when no candidate is both faithful and
+faster. Finally every mix of the accepted INT8 graphs is run end to end on the validation split
+and the mix that saves the most time while keeping top-1 agreement with fp32 >= ``min_agreement``
+wins, so an ``int8`` bundle never promises a variant that changes answers.
+
+Saved graphs are never optimised beyond ONNX Runtime's BASIC level (``quant_pre_process``):
+fully optimised graphs are specific to the CPU they were optimised on; the server optimises at
+load time instead.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_dynamic,
+    quantize_static,
+)
+from onnxruntime.quantization.shape_inference import quant_pre_process
+from PIL import Image
+
+from app.bundle.manifest import ImagePreprocessing
+from app.core.config import container_cpus
+from app.preprocessing.image import preprocess_pil
+from app.preprocessing.text import TextTokenizer
+from model.data.rows import Row
+
+log = logging.getLogger("mmfusion.quantize")
+
+ROLES = ("image_encoder", "text_encoder", "fusion_head")
+_EMBEDDING_OUTPUTS = {"image_encoder": "image_embedding", "text_encoder": "text_embedding"}
+
+
+@dataclass(frozen=True)
+class Int8Options:
+    """Knobs of the INT8 search; the defaults are the ones the shipped bundles use."""
+
+    calibration_samples: int = 128
+    """Distinct training images (and training rows for the fusion head) that calibrate static ranges."""
+    selection_samples: int = 1000
+    """Validation rows on which candidates are compared and the end-to-end agreement is enforced (at
+    the 0.99 bar, a few hundred rows are needed for one flipped answer not to decide)."""
+    evaluation_samples: int = 2000
+    """At most this many test rows measure the recorded quality (agreement, accuracy)."""
+    min_agreement: float = 0.99
+    """End-to-end top-1 agreement with fp32 (validation split) the int8 variant must reach; graphs
+    stay fp32 until it does. 0.99 is the bar the server's ``precision=auto`` applies."""
+    min_output_cosine: float = 0.98
+    """A candidate with a consumed output (fusion-head input, embedding, probabilities) whose mean
+    cosine to fp32 is below this is refused outright."""
+    min_speedup: float = 1.05
+    """Geometric mean of the batch-1 and batch-8 fp32/int8 latency ratios a candidate must beat;
+    below it (measurement noise included) INT8 buys nothing and the graph stays fp32."""
+    require_speedup: bool = True
+    """False keeps a faithful candidate even when it is not faster (tests use it to exercise the
+    quantized graphs on models too small to gain from INT8)."""
+    bench_seconds: float = 0.6
+    """Minimum measuring time per (graph, batch size) after warm-up."""
+    threads: int = 0
+    """Intra-op threads for measuring speed; 0 = the CPUs this process may use (as the server)."""
+
+
+@dataclass
+class Samples:
+    """Real preprocessed samples: distinct images plus (image, text[, label]) rows pointing at them."""
+
+    pixel_values: np.ndarray
+    """[I, 3, H, W] float32, preprocessed with the bundle's own image preprocessing."""
+    image_index: np.ndarray
+    """[N] int: row -> image."""
+    texts: list[str]
+    labels: np.ndarray | None = None
+    """[N] int class ids, or None when the rows are unlabelled."""
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def head(self, n: int) -> Samples:
+        """The first ``n`` rows and only the images they use."""
+        idx = self.image_index[:n]
+        used, local = np.unique(idx, return_inverse=True)
+        labels = None if self.labels is None else self.labels[:n]
+        return Samples(self.pixel_values[used], local.astype(np.int64), self.texts[:n], labels)
+
+
+@dataclass
+class QuantData:
+    """Where calibration, candidate selection and the recorded quality figures come from."""
+
+    calibration: Samples
+    """Training split: calibrates static activation ranges."""
+    selection: Samples
+    """Validation split: candidate fidelity and the end-to-end agreement target."""
+    evaluation: Samples
+    """Test split: the ``quality["int8"]`` figures written into the manifest."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One way of quantizing a graph."""
+
+    method: str  # "static_qdq" | "dynamic"
+    calibration: str | None = None  # "minmax" | "percentile" (static only)
+    activation_type: str = "uint8"  # static only: "uint8" (U8S8) or "int8" (S8S8)
+    reduce_range: bool = False
+
+    @property
+    def name(self) -> str:
+        if self.method == "dynamic":
+            return "dynamic_per_channel" + ("_reduce_range" if self.reduce_range else "")
+        act = "u8s8" if self.activation_type == "uint8" else "s8s8"
+        return f"static_qdq_per_channel_{self.calibration}_{act}" + ("_reduce_range" if self.reduce_range else "")
+
+
+@dataclass
+class CandidateResult:
+    """``output_cosine_*`` cover every output; acceptance looks only at the consumed ones."""
+
+    candidate: str
+    ms_batch1: float
+    ms_batch8: float
+    fp32_ms_batch1: float
+    """fp32 timed alternately with this candidate (see ``paired_ms``)."""
+    fp32_ms_batch8: float
+    speedup: float
+    """Geometric mean of the fp32/int8 latency ratios at batch 1 and 8 (> 1: INT8 is faster)."""
+    output_cosine_mean: dict[str, float]
+    output_cosine_min: dict[str, float]
+    top1_agreement: float | None = None
+    accepted: bool = False
+    reason: str = ""
+
+
+@dataclass
+class GraphReport:
+    role: str
+    ops: dict[str, int]
+    fp32_ms_batch1: float | None = None
+    fp32_ms_batch8: float | None = None
+    candidates: list[CandidateResult] = field(default_factory=list)
+    chosen: str = "fp32"
+    """The candidate name used for this graph's int8 variant, or "fp32" (the fp32 file is reused)."""
+    reason: str = ""
+    file: str = ""
+    int8_ms_batch1: float | None = None
+    int8_ms_batch8: float | None = None
+
+
+@dataclass
+class Int8Report:
+    graphs: dict[str, GraphReport]
+    selection_agreement: float
+    top1_agreement: float
+    fp32_accuracy: float | None
+    accuracy: float | None
+    accuracy_drop: float | None
+    min_embedding_cosine: float
+    samples: int
+    reverted: list[str] = field(default_factory=list)
+    mix_agreements: dict[str, float] = field(default_factory=dict)
+    """Validation top-1 agreement of every mix of accepted INT8 graphs ("+"-joined roles; "" = all fp32)."""
+    cpu: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def table(self) -> str:
+        """A human-readable speed/quality table (the export command prints it)."""
+        return format_report(self.to_dict())
+
+
+def format_report(report: dict) -> str:
+    """The table of an ``Int8Report`` in its JSON form (as saved in ``quantization.json``)."""
+
+    def ms(v: float | None) -> str:
+        return f"{v:.2f}" if v is not None else "-"
+
+    lines = [
+        f"INT8 vs fp32 on {report.get('cpu', '?')} (ONNX Runtime, median ms per call, timed alternately)",
+        f"{'graph':<14} {'int8 variant':<44} {'fp32 b1':>8} {'int8 b1':>8} {'fp32 b8':>8} {'int8 b8':>8}",
+    ]
+    for role, g in report["graphs"].items():
+        lines.append(f"{role:<14} {g['chosen']:<44} {ms(g['fp32_ms_batch1']):>8} {ms(g['int8_ms_batch1']):>8} "
+                     f"{ms(g['fp32_ms_batch8']):>8} {ms(g['int8_ms_batch8']):>8}")
+        if g["chosen"] == "fp32":
+            lines.append(f"{'':<14} int8 variant = the fp32 file: {g['reason']}")
+    acc = ""
+    if report.get("accuracy") is not None and report.get("fp32_accuracy") is not None:
+        acc = f", accuracy {report['fp32_accuracy']:.4f} -> {report['accuracy']:.4f}"
+    lines.append(
+        f"top-1 agreement with fp32: {report['top1_agreement']:.4f} on {report['samples']} test samples "
+        f"(validation {report['selection_agreement']:.4f}){acc}; "
+        f"min embedding cosine {report['min_embedding_cosine']:.4f}"
+    )
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Real samples
+
+
+def spread_rows(rows: list[Row], seed: int = 0) -> list[Row]:
+    """Seeded shuffle that puts every image's first row before any image's second row, so the
+    first ``n`` rows cover as many distinct images as possible (calibration needs image variety)."""
+    order = np.random.default_rng(seed).permutation(len(rows))
+    seen: dict[Path, int] = {}
+    keyed = []
+    for i in order:
+        r = rows[int(i)]
+        keyed.append((seen.get(r.image, 0), len(keyed), r))
+        seen[r.image] = seen.get(r.image, 0) + 1
+    return [r for _, _, r in sorted(keyed, key=lambda t: (t[0], t[1]))]
+
+
+def load_samples(rows: list[Row], image_pre: ImagePreprocessing, labels: list[str] | None) -> Samples:
+    """Preprocess the rows' distinct images once (the serving code path) and index rows into them."""
+    index: dict[Path, int] = {}
+    for r in rows:
+        index.setdefault(r.image, len(index))
+    pixels = np.empty((len(index), 3, image_pre.size, image_pre.size), dtype=np.float32)
+    for path, i in index.items():
+        with Image.open(path) as img:
+            pixels[i] = preprocess_pil(img, image_pre)
+    label_idx = {lab: i for i, lab in enumerate(labels or [])}
+    y = None
+    if labels is not None and rows and all(r.label in label_idx for r in rows):
+        y = np.array([label_idx[r.label] for r in rows], dtype=np.int64)  # type: ignore[index]
+    return Samples(pixels, np.array([index[r.image] for r in rows], dtype=np.int64), [r.text for r in rows], y)
+
+
+# ----------------------------------------------------------------------------------------------
+# Running the three graphs
+
+
+def session(path: Path, threads: int = 0, optimize: bool = True) -> ort.InferenceSession:
+    """A CPU session configured as the server configures it (optimised at load time, never saved)."""
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    opts.intra_op_num_threads = threads or container_cpus()
+    opts.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def run_graph(sess: ort.InferenceSession, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Feed exactly the inputs the graph declares (the exporter prunes unused ones)."""
+    out = sess.run(None, {i.name: values[i.name] for i in sess.get_inputs()})
+    return {o.name: v for o, v in zip(sess.get_outputs(), out, strict=True)}
+
+
+@dataclass
+class PipelineOutputs:
+    probabilities: np.ndarray  # [N, C]
+    image_embedding: np.ndarray  # [I, E]
+    text_embedding: np.ndarray  # [N, E]
+
+
+class GraphRunner:
+    """The encode/classify pipeline over three graph files, batched, for any mix of variants."""
+
+    def __init__(self, paths: dict[str, Path], tokenizer: TextTokenizer, threads: int = 0):
+        self.sessions = {role: session(paths[role], threads) for role in ROLES}
+        self.tokenizer = tokenizer
+
+    def image_outputs(self, pixel_values: np.ndarray, batch: int = 32) -> dict[str, np.ndarray]:
+        parts = [run_graph(self.sessions["image_encoder"], {"pixel_values": pixel_values[s : s + batch]})
+                 for s in range(0, len(pixel_values), batch)]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def run(self, samples: Samples, batch: int = 32) -> PipelineOutputs:
+        img = self.image_outputs(samples.pixel_values, batch)
+        probs, txt_emb = [], []
+        for s in range(0, len(samples), batch):
+            enc = self.tokenizer.encode(samples.texts[s : s + batch])
+            txt = run_graph(self.sessions["text_encoder"], {"input_ids": enc.input_ids,
+                                                            "attention_mask": enc.attention_mask})
+            idx = samples.image_index[s : s + batch]
+            values = {
+                "image_features": img["image_features"][idx],
+                "image_regions": img["image_regions"][idx],
+                "text_features": txt["text_features"],
+                "text_tokens": txt["text_tokens"],
+                "attention_mask": enc.attention_mask,
+            }
+            probs.append(run_graph(self.sessions["fusion_head"], values)["probabilities"])
+            txt_emb.append(txt["text_embedding"])
+        return PipelineOutputs(np.concatenate(probs), img["image_embedding"], np.concatenate(txt_emb))
+
+
+def head_feeds(runner: GraphRunner, samples: Samples, batch: int = 16) -> list[dict[str, np.ndarray]]:
+    """The fp32 encoders' outputs on real rows: the fusion head's calibration/selection inputs."""
+    img = runner.image_outputs(samples.pixel_values)
+    feeds = []
+    for s in range(0, len(samples), batch):
+        enc = runner.tokenizer.encode(samples.texts[s : s + batch])
+        txt = run_graph(runner.sessions["text_encoder"], {"input_ids": enc.input_ids,
+                                                          "attention_mask": enc.attention_mask})
+        idx = samples.image_index[s : s + batch]
+        feeds.append({
+            "image_features": img["image_features"][idx], "image_regions": img["image_regions"][idx],
+            "text_features": txt["text_features"], "text_tokens": txt["text_tokens"],
+            "attention_mask": enc.attention_mask,
+        })
+    return feeds
+
+
+def graph_feeds(role: str, samples: Samples, tokenizer: TextTokenizer, runner: GraphRunner | None,
+                batch: int = 16) -> list[dict[str, np.ndarray]]:
+    """Batches of real inputs for one graph."""
+    if role == "image_encoder":
+        pix = samples.pixel_values
+        return [{"pixel_values": pix[s : s + batch]} for s in range(0, len(pix), batch)]
+    if role == "text_encoder":
+        out = []
+        for s in range(0, len(samples), batch):
+            enc = tokenizer.encode(samples.texts[s : s + batch])
+            out.append({"input_ids": enc.input_ids, "attention_mask": enc.attention_mask})
+        return out
+    assert runner is not None
+    return head_feeds(runner, samples, batch)
+
+
+class FeedReader(CalibrationDataReader):
+    """Hands ONNX Runtime's calibrator a list of prepared feeds, keeping only the inputs it declares."""
+
+    def __init__(self, feeds: list[dict[str, np.ndarray]], input_names: list[str]):
+        self._feeds = feeds
+        self._names = input_names
+        self._it: Iterator[dict[str, np.ndarray]] = iter(self._feeds)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        feed = next(self._it, None)
+        return None if feed is None else {n: feed[n] for n in self._names}
+
+    def rewind(self) -> None:
+        self._it = iter(self._feeds)
+
+
+# ----------------------------------------------------------------------------------------------
+# Measuring
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-sample cosine of two outputs, each sample flattened (regions/tokens included)."""
+    a = a.reshape(len(a), -1).astype(np.float64)
+    b = b.reshape(len(b), -1).astype(np.float64)
+    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    both_zero = (na < 1e-12) & (nb < 1e-12)
+    cos = (a * b).sum(1) / (na * nb).clip(1e-12)
+    return np.where(both_zero, 1.0, cos)
+
+
+def paired_ms(ref: ort.InferenceSession, cand: ort.InferenceSession, feed: dict[str, np.ndarray],
+              seconds: float) -> tuple[float, float]:
+    """Median latency of one call of each session, measured alternately (ref, cand, ref, ...).
+
+    Alternating puts both under the same background load at the same moments: on a shared
+    machine, timing fp32 first and INT8 a minute later compares two different machines.
+    """
+    feeds = [{i.name: feed[i.name] for i in s.get_inputs()} for s in (ref, cand)]
+    for _ in range(3):
+        ref.run(None, feeds[0])
+        cand.run(None, feeds[1])
+    times: tuple[list[float], list[float]] = ([], [])
+    start = time.perf_counter()
+    while len(times[0]) < 10 or time.perf_counter() - start < 2 * seconds:
+        for k, s in enumerate((ref, cand)):
+            t = time.perf_counter()
+            s.run(None, feeds[k])
+            times[k].append((time.perf_counter() - t) * 1000)
+        if len(times[0]) >= 2000:
+            break
+    return float(statistics.median(times[0])), float(statistics.median(times[1]))
+
+
+def _bench_feeds(feeds: list[dict[str, np.ndarray]]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Batch-1 and batch-8 inputs cut from real feeds (repeating rows if fewer than 8 exist)."""
+    first = feeds[0]
+    merged = {k: np.concatenate([f[k] for f in feeds]) if all(f[k].shape[1:] == first[k].shape[1:] for f in feeds)
+              else first[k] for k in first}
+    n = min(len(v) for v in merged.values())
+    idx8 = np.arange(8) % n
+    return ({k: v[:1] for k, v in merged.items()}, {k: v[idx8] for k, v in merged.items()})
+
+
+def op_census(path: Path) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in onnx.load(str(path), load_external_data=False).graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def candidates_for(role: str, ops: dict[str, int]) -> list[Candidate]:
+    """What can work for a graph of this kind (the measurement then decides).
+
+    Convolutions: static QDQ only (dynamic ``ConvInteger`` is the measured trap), with 99.999th
+    percentile calibration (clips rare outliers) and min/max, U8S8 (what x86 INT8 kernels run) and
+    S8S8 (ONNX Runtime's QDQ default). Plus U8S8 with 7-bit weights (``reduce_range``): x86 CPUs
+    without VNNI multiply U8S8 with ``vpmaddubsw``, whose 16-bit pair sums saturate with full 8-bit
+    weights (measured on an AVX2-only EPYC: feature cosine 0.84 vs 0.98 for the same graph without
+    the fused kernels); 7-bit weights cannot saturate but lose precision.
+    Graphs of MatMul/Gemm/LSTM (text encoders): dynamic per-channel, which quantizes activations per
+    call from their actual range and needs no calibration (with and without 7-bit weights). The
+    small fusion head: dynamic and static.
+    """
+    has_conv = ops.get("Conv", 0) > 0
+    static = [
+        Candidate("static_qdq", "percentile", "uint8"),
+        Candidate("static_qdq", "minmax", "uint8"),
+        Candidate("static_qdq", "percentile", "int8"),
+        Candidate("static_qdq", "percentile", "uint8", reduce_range=True),
+    ]
+    dynamic = [Candidate("dynamic"), Candidate("dynamic", reduce_range=True)]
+    if role == "image_encoder":
+        return static if has_conv else dynamic
+    if role == "text_encoder":
+        return static if has_conv and not ops.get("LSTM") else dynamic
+    return [*dynamic, Candidate("static_qdq", "minmax", "uint8")]
+
+
+_CALIBRATION = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile}
+_HAS_CACHE = "calibration_cache_path" in inspect.signature(quantize_static).parameters
+
+
+def preprocess(src: Path, dst: Path) -> Path:
+    """``quant_pre_process``: BASIC optimisation (hardware independent) plus shape inference."""
+    try:
+        quant_pre_process(str(src), str(dst), skip_optimization=False)
+    except Exception as exc:  # symbolic shape inference cannot handle every op; ONNX's own can
+        log.info("symbolic shape inference failed on %s (%s); using ONNX shape inference only", src.name, exc)
+        quant_pre_process(str(src), str(dst), skip_optimization=False, skip_symbolic_shape=True)
+    return dst
+
+
+def quantize_candidate(pre: Path, out: Path, cand: Candidate, calib: list[dict[str, np.ndarray]],
+                       work: Path) -> Path:
+    if cand.method == "dynamic":
+        quantize_dynamic(str(pre), str(out), per_channel=True, reduce_range=cand.reduce_range,
+                         weight_type=QuantType.QInt8)
+        return out
+    names = [i.name for i in onnx.load(str(pre), load_external_data=False).graph.input]
+    kwargs: dict = {}
+    extra: dict = {}
+    if cand.calibration == "percentile":
+        extra.update({"CalibPercentile": 99.999, "CalibNumBins": 2048})
+    if _HAS_CACHE:
+        kwargs["calibration_cache_path"] = work / f"{pre.stem}.{cand.calibration}.calib.json"
+    quantize_static(
+        str(pre), str(out), FeedReader(calib, names), quant_format=QuantFormat.QDQ, per_channel=True,
+        reduce_range=cand.reduce_range,
+        activation_type=QuantType.QUInt8 if cand.activation_type == "uint8" else QuantType.QInt8,
+        weight_type=QuantType.QInt8, calibrate_method=_CALIBRATION[cand.calibration or "minmax"],
+        extra_options=extra, **kwargs,
+    )
+    return out
+
+
+def _agreement(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a.argmax(1) == b.argmax(1)).mean()) if len(a) else 1.0
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} x{container_cpus()}"
+    except OSError:
+        pass
+    return f"{container_cpus()} CPUs"
+
+
+def evaluate_graph(role: str, fp32: ort.InferenceSession, cand: ort.InferenceSession,
+                   feeds: list[dict[str, np.ndarray]]) -> tuple[dict[str, float], dict[str, float], float | None]:
+    """Mean and min cosine to fp32 per output; for the fusion head also top-1 agreement."""
+    cos: dict[str, list[np.ndarray]] = {}
+    ref_p, got_p = [], []
+    for feed in feeds:
+        ref, got = run_graph(fp32, feed), run_graph(cand, feed)
+        for name in ref:
+            cos.setdefault(name, []).append(cosine_rows(ref[name], got[name]))
+        if "probabilities" in ref:
+            ref_p.append(ref["probabilities"])
+            got_p.append(got["probabilities"])
+    means = {k: float(np.concatenate(v).mean()) for k, v in cos.items()}
+    mins = {k: float(np.concatenate(v).min()) for k, v in cos.items()}
+    agree = _agreement(np.concatenate(ref_p), np.concatenate(got_p)) if ref_p else None
+    return means, mins, agree
+
+
+def quantize_graphs(
+    graph_dir: Path,
+    fp32_files: dict[str, str],
+    tokenizer: TextTokenizer,
+    data: QuantData,
+    options: Int8Options = Int8Options(),
+    progress: bool = False,
+) -> tuple[dict[str, str], Int8Report]:
+    """Write ``<graph>.int8.onnx`` files into ``graph_dir`` and say which file each graph's int8 uses.
+
+    Returns (role -> file name of its int8 variant, the measurements). A graph for which INT8 is not
+    worth it maps to its fp32 file.
+    """
+    graph_dir = Path(graph_dir)
+    say = print if progress else (lambda *a, **k: None)
+    fp32_paths = {r: graph_dir / fp32_files[r] for r in ROLES}
+    fp32_runner = GraphRunner(fp32_paths, tokenizer, options.threads)
+    calib = data.calibration.head(max(1, options.calibration_samples))
+    select = data.selection.head(max(1, options.selection_samples))
+    reports: dict[str, GraphReport] = {}
+    chosen_paths: dict[str, Path] = {}
+    # Fidelity is judged on the outputs something consumes: what the fusion head reads (a concat head
+    # never reads token/region features, whose exporter-pruned inputs are absent), the retrieval
+    # embeddings, and the probabilities.
+    consumed = {i.name for i in fp32_runner.sessions["fusion_head"].get_inputs()}
+    consumed |= {"image_embedding", "text_embedding", "probabilities"}
+    with tempfile.TemporaryDirectory(prefix="mmfusion-int8-") as tmp:
+        work = Path(tmp)
+        for role in ROLES:
+            ops = op_census(fp32_paths[role])
+            fp32_sess = fp32_runner.sessions[role]
+            sel_feeds = graph_feeds(role, select, tokenizer, fp32_runner)
+            b1, b8 = _bench_feeds(sel_feeds)
+            rep = GraphReport(role, ops)
+            pre = preprocess(fp32_paths[role], work / f"{role}.pre.onnx")
+            cal_feeds = graph_feeds(role, calib, tokenizer, fp32_runner)
+            best: tuple[CandidateResult, Path] | None = None
+            for cand in candidates_for(role, ops):
+                out = work / f"{role}.{cand.name}.onnx"
+                t0 = time.perf_counter()
+                try:
+                    quantize_candidate(pre, out, cand, cal_feeds, work)
+                    sess = session(out, options.threads)
+                except Exception as exc:  # a candidate that cannot be built is a measured "no"
+                    nan = float("nan")
+                    rep.candidates.append(CandidateResult(cand.name, nan, nan, nan, nan, 0.0, {}, {},
+                                                          reason=f"failed: {type(exc).__name__}: {exc}"))
+                    continue
+                qsec = time.perf_counter() - t0
+                f1, ms1 = paired_ms(fp32_sess, sess, b1, options.bench_seconds)
+                f8, ms8 = paired_ms(fp32_sess, sess, b8, options.bench_seconds)
+                speedup = float(np.sqrt((f1 / ms1) * (f8 / ms8)))
+                means, mins, agree = evaluate_graph(role, fp32_sess, sess, sel_feeds)
+                res = CandidateResult(cand.name, ms1, ms8, f1, f8, speedup, means, mins, agree)
+                judged = [v for k, v in means.items() if k in consumed]
+                worst = min(judged) if judged else 0.0
+                if worst < options.min_output_cosine:
+                    res.reason = f"output cosine {worst:.4f} < {options.min_output_cosine}"
+                elif agree is not None and agree < options.min_agreement:
+                    res.reason = f"top-1 agreement {agree:.4f} < {options.min_agreement}"
+                elif options.require_speedup and speedup < options.min_speedup:
+                    res.reason = f"not faster: speedup {speedup:.2f}x < {options.min_speedup}x"
+                else:
+                    res.accepted, res.reason = True, "faithful" + (" and faster" if speedup >= options.min_speedup
+                                                                     else "")
+                rep.candidates.append(res)
+                say(f"  {role:<13} {cand.name:<44} b1 {f1:7.2f} -> {ms1:7.2f} ms  b8 {f8:7.2f} -> {ms8:7.2f} ms  "
+                    f"x{speedup:.2f}  "
+                    f"cos {worst:.4f}" + (f"  agree {agree:.4f}" if agree is not None else "")
+                    + f"  ({qsec:.1f}s) {'ok' if res.accepted else res.reason}")
+                if res.accepted and (best is None or _better(res, best[0], options.require_speedup)):
+                    best = (res, out)
+            timed = [c for c in rep.candidates if np.isfinite(c.fp32_ms_batch1)]
+            if timed:  # the fp32 figures shown: those timed alongside the chosen (else the first) candidate
+                shown = best[0] if best is not None else timed[0]
+                rep.fp32_ms_batch1, rep.fp32_ms_batch8 = shown.fp32_ms_batch1, shown.fp32_ms_batch8
+            if best is None:
+                rep.chosen = "fp32"
+                rep.reason = "; ".join(f"{c.candidate}: {c.reason}" for c in rep.candidates) or "no candidate"
+            else:
+                rep.chosen = best[0].candidate
+                rep.reason = best[0].reason
+                rep.int8_ms_batch1, rep.int8_ms_batch8 = best[0].ms_batch1, best[0].ms_batch8
+                chosen_paths[role] = best[1]
+            reports[role] = rep
+
+        # End to end: of all mixes of the accepted INT8 graphs (at most 2^3), keep the one that saves the
+        # most time while the pipeline's top-1 agreement with fp32 on the validation rows holds.
+        agreements = mix_agreements(select, tokenizer, fp32_runner.sessions,
+                                    {r: session(p, options.threads) for r, p in chosen_paths.items()})
+        saving = {r: reports[r].fp32_ms_batch8 - reports[r].int8_ms_batch8 for r in chosen_paths}  # type: ignore[operator]
+        ok = [m for m, a in agreements.items() if a >= options.min_agreement] or [frozenset()]
+        if options.require_speedup:
+            best_mix = max(ok, key=lambda m: (sum(saving[r] for r in m), agreements[m], -len(m)))
+        else:  # speed is not the point: keep as many faithful INT8 graphs as the agreement allows
+            best_mix = max(ok, key=lambda m: (len(m), agreements[m]))
+        active = set(best_mix)
+        sel_agree = agreements[best_mix]
+        reverted = sorted(set(chosen_paths) - active)
+        full = frozenset(chosen_paths)
+        for r in reverted:
+            reports[r].reason = (f"reverted to fp32: pipeline agreement with all accepted INT8 graphs "
+                                 f"{agreements[full]:.4f}, best mix within {options.min_agreement} without it "
+                                 f"{sel_agree:.4f}")
+            reports[r].chosen = "fp32"
+            reports[r].int8_ms_batch1 = reports[r].int8_ms_batch8 = None
+
+        files: dict[str, str] = {}
+        for role in ROLES:
+            if role in active:
+                name = f"{Path(fp32_files[role]).stem}.int8.onnx"
+                shutil.copyfile(chosen_paths[role], graph_dir / name)
+                files[role] = name
+            else:
+                files[role] = fp32_files[role]
+            reports[role].file = files[role]
+
+    report = measure_quality(graph_dir, fp32_files, files, tokenizer, data.evaluation.head(options.evaluation_samples),
+                             options.threads)
+    report.graphs, report.selection_agreement, report.reverted = reports, sel_agree, reverted
+    report.mix_agreements = {"+".join(sorted(m)): a for m, a in sorted(agreements.items(), key=lambda kv: len(kv[0]))}
+    return files, report
+
+
+def mix_agreements(samples: Samples, tokenizer: TextTokenizer, fp32: dict[str, ort.InferenceSession],
+                   int8: dict[str, ort.InferenceSession], batch: int = 32) -> dict[frozenset[str], float]:
+    """Pipeline top-1 agreement with fp32 for every subset of ``int8``'s graphs running in INT8.
+
+    Each encoder runs once per precision and the (cheap) head once per mix, so all 2^k mixes cost
+    little more than two pipeline passes.
+    """
+    roles = sorted(int8)
+    mixes = [frozenset(r for i, r in enumerate(roles) if bits >> i & 1) for bits in range(1 << len(roles))]
+
+    def image(p: str) -> dict[str, np.ndarray]:
+        sess = int8["image_encoder"] if p == "int8" else fp32["image_encoder"]
+        parts = [run_graph(sess, {"pixel_values": samples.pixel_values[s : s + batch]})
+                 for s in range(0, len(samples.pixel_values), batch)]
+        return {k: np.concatenate([x[k] for x in parts]) for k in parts[0]}
+
+    precisions = {r: ["fp32", "int8"] if r in int8 else ["fp32"] for r in ROLES}
+    images = {p: image(p) for p in precisions["image_encoder"]}
+    probs: dict[frozenset[str], list[np.ndarray]] = {m: [] for m in mixes}
+    for s in range(0, len(samples), batch):
+        enc = tokenizer.encode(samples.texts[s : s + batch])
+        feeds = {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask}
+        texts = {p: run_graph(int8["text_encoder"] if p == "int8" else fp32["text_encoder"], feeds)
+                 for p in precisions["text_encoder"]}
+        idx = samples.image_index[s : s + batch]
+        for m in mixes:
+            img = images["int8" if "image_encoder" in m else "fp32"]
+            txt = texts["int8" if "text_encoder" in m else "fp32"]
+            values = {"image_features": img["image_features"][idx], "image_regions": img["image_regions"][idx],
+                      "text_features": txt["text_features"], "text_tokens": txt["text_tokens"],
+                      "attention_mask": enc.attention_mask}
+            head = int8["fusion_head"] if "fusion_head" in m else fp32["fusion_head"]
+            probs[m].append(run_graph(head, values)["probabilities"])
+    ref = np.concatenate(probs[frozenset()])
+    return {m: _agreement(ref, np.concatenate(p)) for m, p in probs.items()}
+
+
+def _better(a: CandidateResult, b: CandidateResult, by_speed: bool = True) -> bool:
+    """Faster wins; within 5 % of each other (noise), or when speed is not the point, the more
+    faithful one (higher worst mean output cosine) wins."""
+    if by_speed and abs(a.speedup - b.speedup) > 0.05 * max(a.speedup, b.speedup):
+        return a.speedup > b.speedup
+    return min(a.output_cosine_mean.values()) > min(b.output_cosine_mean.values())
+
+
+def measure_quality(graph_dir: Path, fp32_files: dict[str, str], int8_files: dict[str, str],
+                    tokenizer: TextTokenizer, samples: Samples, threads: int = 0) -> Int8Report:
+    """Top-1 agreement, accuracy and embedding cosine of the int8 pipeline vs fp32 on real samples."""
+    ref = GraphRunner({r: graph_dir / fp32_files[r] for r in ROLES}, tokenizer, threads).run(samples)
+    got = GraphRunner({r: graph_dir / int8_files[r] for r in ROLES}, tokenizer, threads).run(samples)
+    fp32_acc = acc = drop = None
+    if samples.labels is not None:
+        fp32_acc = float((ref.probabilities.argmax(1) == samples.labels).mean())
+        acc = float((got.probabilities.argmax(1) == samples.labels).mean())
+        drop = fp32_acc - acc
+    min_cos = float(min(cosine_rows(ref.image_embedding, got.image_embedding).min(),
+                        cosine_rows(ref.text_embedding, got.text_embedding).min()))
+    return Int8Report(graphs={}, selection_agreement=1.0,
+                      top1_agreement=_agreement(ref.probabilities, got.probabilities),
+                      fp32_accuracy=fp32_acc, accuracy=acc, accuracy_drop=drop,
+                      min_embedding_cosine=float(np.clip(min_cos, -1.0, 1.0)), samples=len(samples), cpu=cpu_name())

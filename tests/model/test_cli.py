@@ -1,0 +1,124 @@
+"""The training-side CLI: every option documented, evaluate prints real metrics, train writes plots."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from model.cli import build_parser, main
+from model.config import TrainConfig
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def test_train_help_lists_every_config_field(capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for f in dataclasses.fields(TrainConfig):
+        assert f"--{f.name.replace('_', '-')}" in out, f.name
+    assert "--no-plots" in out and "--resume" in out
+
+
+def test_every_option_of_every_command_has_help_text() -> None:
+    subs = _subparsers(build_parser())
+    assert {"train", "export", "verify", "evaluate", "ablate", "build-default"} <= set(subs)
+    for name, sub in subs.items():
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help and action.help.strip() and not action.help.startswith(" ("), (name, action.dest)
+
+
+def test_export_and_verify_expose_int8_and_run_options() -> None:
+    subs = _subparsers(build_parser())
+    export = subs["export"].parse_args(["RUN", "--out", "B", "--int8"])
+    assert export.int8 is True and export.calibration_samples == 128
+    verify = subs["verify"].parse_args(["B", "--run", "RUN"])
+    assert verify.run == "RUN" and verify.min_int8_agreement == 0.99
+
+
+def test_evaluate_run_prints_the_checkpoint_metrics(tiny_run: Path, capsys) -> None:
+    from model.train import evaluate_run
+
+    assert main(["evaluate", str(tiny_run)]) == 0
+    out = capsys.readouterr().out
+    expected = evaluate_run(tiny_run, "test")
+    assert "accuracy" in out and "macro-F1" in out
+    assert "text -> image" in out and "image -> text" in out and "median rank" in out
+    assert f"{expected['test_accuracy']:.4f}" in out
+    assert f"{expected['test_macro_f1']:.4f}" in out
+    assert f"{expected['test_text_to_image_R@1']:.4f}" in out
+
+    assert main(["evaluate", str(tiny_run), "--split", "val", "--json"]) == 0
+    body = json.loads(capsys.readouterr().out)
+    assert body["kind"] == "run" and body["split"] == "val"
+    val = evaluate_run(tiny_run, "val")
+    assert body["metrics"]["accuracy"] == pytest.approx(val["val_accuracy"])
+    for key in ("R@1", "R@5", "R@10"):
+        assert f"image_to_text_{key}" in body["metrics"] and f"text_to_image_{key}" in body["metrics"]
+
+
+def test_evaluate_bundle_through_onnx_runtime_matches_pytorch(tiny_run: Path, tiny_bundle: Path, tiny_config,
+                                                               capsys) -> None:
+    from model.train import evaluate_run
+
+    demo = Path(tiny_config.demo_dir)
+    argv = ["evaluate", str(tiny_bundle), "--json", "--data", str(demo / "qa.jsonl"),
+            "--captions", str(demo / "captions.jsonl")]
+    assert main(argv) == 0
+    body = json.loads(capsys.readouterr().out)
+    assert body["kind"] == "bundle" and body["precision"] == "fp32"
+    torch_metrics = evaluate_run(tiny_run, "test")
+    for key, value in body["metrics"].items():
+        assert value == pytest.approx(torch_metrics[f"test_{key}"], abs=1e-6), key
+
+
+def test_evaluate_refuses_a_folder_that_is_neither_run_nor_bundle(tmp_path: Path, capsys) -> None:
+    assert main(["evaluate", str(tmp_path)]) == 2
+    assert "neither a training run" in capsys.readouterr().err
+
+
+def test_train_writes_learning_curves_and_confusion_matrix(tiny_config, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    argv = ["train", "--quiet", "--run-dir", str(run_dir), "--epochs", "1",
+            "--encoder-kwargs", json.dumps(tiny_config.encoder_kwargs)]
+    for name in ("data", "demo_dir", "demo_images", "demo_image_size", "image_size", "batch_size", "hidden_dim",
+                 "embed_dim", "num_threads"):
+        argv += [f"--{name.replace('_', '-')}", str(getattr(tiny_config, name))]
+    assert main(argv) == 0
+    for name in ("training_curves.png", "confusion_matrix_val.png"):
+        path = run_dir / name
+        assert path.is_file(), name
+        with Image.open(path) as img:
+            assert img.format == "PNG" and img.size[0] > 300 and img.size[1] > 200
+    # the curves come from results.jsonl: one point per epoch that ran
+    assert len((run_dir / "results.jsonl").read_text().splitlines()) == 1
+
+
+def test_ablate_trains_every_requested_strategy_and_baselines_into_one_table(tiny_config, tmp_path: Path,
+                                                                             capsys) -> None:
+    out_dir = tmp_path / "results"
+    argv = ["ablate", "--fusions", "concat,image_only,text_only", "--epochs", "1", "--demo-images", "160",
+            "--work-dir", str(tmp_path / "work"), "--out-dir", str(out_dir), "--quiet"]
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    for name in ("concat", "image_only", "text_only"):
+        assert name in table
+    body = json.loads((out_dir / "ablation.json").read_text())
+    assert [r["fusion"] for r in body["rows"]] == ["concat", "image_only", "text_only"]
+    for row in body["rows"]:
+        assert 0.0 <= row["accuracy"] <= 1.0
+        assert row["onnx_ms_per_item"] > 0 and row["parameters"] >= row["trainable_parameters"] > 0
+        assert row["train_seconds"] > 0
+    markdown = (out_dir / "ablation.md").read_text()
+    assert markdown.count("\n| ") >= 4 and "ONNX ms/item" in markdown

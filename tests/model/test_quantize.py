@@ -1,0 +1,180 @@
+"""INT8 variants: real quantized graphs in the manifest, served by the server, and checked by verify."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from app.bundle import load_bundle_manifest
+from app.bundle.verify import sha256_file
+from model.quantize import Int8Options
+
+# Tiny models are too small for INT8 to be faster than fp32 (the per-call overhead dominates), so the
+# shared int8 bundle keeps every faithful candidate regardless of speed; that exercises real quantized
+# graphs end to end. The fidelity bars are the tiny model's: 16-unit LSTMs quantize worse than real ones.
+TINY_INT8 = Int8Options(calibration_samples=64, selection_samples=128, require_speedup=False,
+                        min_output_cosine=0.95, min_agreement=0.9, bench_seconds=0.02)
+
+
+@pytest.fixture(scope="module")
+def int8_bundle(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from model.export import export_bundle
+
+    out = tmp_path_factory.mktemp("int8") / "tiny-int8"
+    export_bundle(tiny_run, out, progress=False, int8=True, int8_options=TINY_INT8)
+    return out
+
+
+def _ops(path: Path) -> set[str]:
+    return {n.op_type for n in onnx.load(str(path)).graph.node}
+
+
+def test_int8_variant_is_listed_hashed_and_its_quality_recorded(int8_bundle: Path) -> None:
+    manifest = load_bundle_manifest(int8_bundle)  # checks every sha256, int8 files included
+    assert manifest.precisions() == ["fp32", "int8"]
+    quality = manifest.quality["int8"]
+    assert quality.top1_agreement is not None and quality.top1_agreement >= 0.9
+    assert quality.samples > 0
+    assert quality.accuracy is not None and quality.accuracy_drop is not None
+    assert quality.accuracy_drop == pytest.approx(
+        json.loads((int8_bundle / "quantization.json").read_text())["fp32_accuracy"] - quality.accuracy
+    )
+    assert quality.min_embedding_cosine is not None and quality.min_embedding_cosine > 0.5
+    for spec in manifest.graphs.values():
+        variant = spec.variants["int8"]
+        assert variant.sha256 == sha256_file(int8_bundle / variant.file)
+
+
+def test_int8_graphs_are_really_quantized_the_way_their_kind_needs(int8_bundle: Path) -> None:
+    manifest = load_bundle_manifest(int8_bundle)
+    image = manifest.graphs["image_encoder"].variants["int8"].file
+    assert image == "image_encoder.int8.onnx"
+    image_ops = _ops(int8_bundle / image)
+    # static QDQ: activations quantized with calibrated scales, never the slow dynamic ConvInteger
+    assert {"QuantizeLinear", "DequantizeLinear"} <= image_ops
+    assert "ConvInteger" not in image_ops and "DynamicQuantizeLinear" not in image_ops
+    report = json.loads((int8_bundle / "quantization.json").read_text())
+    assert report["graphs"]["image_encoder"]["chosen"].startswith("static_qdq_per_channel")
+    for role in ("text_encoder", "fusion_head"):
+        chosen = report["graphs"][role]["chosen"]
+        assert chosen == "fp32" or chosen.startswith(("dynamic", "static_qdq")), chosen
+    # every variant passes the ONNX checker and its fp32 twin has the same interface
+    for spec in manifest.graphs.values():
+        for variant in spec.variants.values():
+            onnx.checker.check_model(str(int8_bundle / variant.file), full_check=True)
+
+
+def test_server_loads_the_int8_variant_and_reports_it(int8_bundle: Path, tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from app.core.config import Settings
+    from app.main import create_app
+
+    settings = Settings(bundle=int8_bundle, index_path=tmp_path / "index", precision="int8", intra_op_threads=1,
+                        decode_threads=1)
+    with TestClient(create_app(settings)) as client:
+        body = client.get("/v1/model").json()
+        assert body["precision"] == "int8"
+        assert body["available_precisions"] == ["fp32", "int8"]
+        assert body["graphs"]["image_encoder"]["file"] == "image_encoder.int8.onnx"
+        r = client.post("/v1/embed", json={"text": "a small blue square"})
+        assert r.status_code == 200, r.text
+
+
+def test_graph_that_int8_does_not_speed_up_reuses_its_fp32_file(tiny_bundle: Path, tiny_run: Path,
+                                                                  tmp_path: Path) -> None:
+    """A speed bar no INT8 graph can clear: every graph's int8 variant must point at its fp32 file."""
+    from app.bundle.manifest import GraphSpec
+    from app.preprocessing.text import TextTokenizer
+    from model.data.prepared import prepare_data
+    from model.export import add_int8_variants, quant_data
+    from model.train import load_run
+
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundle, bundle)
+    manifest = load_bundle_manifest(bundle)
+    _, cfg, _ = load_run(tiny_run)
+    options = Int8Options(calibration_samples=32, selection_samples=32, evaluation_samples=64, min_speedup=1e9,
+                          bench_seconds=0.01)
+    data = prepare_data(cfg, progress=False)
+    qdata = quant_data({s: data.split(s) for s in ("train", "val", "test")}, manifest.image, list(manifest.labels),
+                       options)
+    tok = TextTokenizer(bundle / "tokenizer.json", manifest.text.max_length)
+    graphs: dict[str, GraphSpec] = dict(manifest.graphs)
+    updated, quality, report = add_int8_variants(bundle, graphs, tok, qdata, options)
+    for role, spec in updated.items():
+        assert spec.variants["int8"] == spec.variants["fp32"], role
+        assert report.graphs[role].chosen == "fp32"
+        assert report.graphs[role].reason
+    assert any("not faster" in c.reason for g in report.graphs.values() for c in g.candidates)
+    assert not list(bundle.glob("*.int8.onnx"))
+    assert quality.top1_agreement == 1.0
+    assert quality.min_embedding_cosine == pytest.approx(1.0, abs=1e-6)
+
+
+def test_verify_passes_on_the_good_int8_bundle(int8_bundle: Path, tiny_run: Path) -> None:
+    from model.verify import verify_bundle
+
+    report = verify_bundle(int8_bundle, run_dir=tiny_run, min_int8_agreement=TINY_INT8.min_agreement)
+    assert report["ok"], report["failures"]
+    assert report["inputs"]["kind"] == "real"
+    assert report["pytorch_parity"]["ok"]
+    recorded = load_bundle_manifest(int8_bundle).quality["int8"].top1_agreement
+    assert report["variants"]["int8"]["top1_agreement_vs_fp32"] == pytest.approx(recorded, abs=0.01)
+
+
+def _swap_in_impostor(bundle: Path, role: str) -> None:
+    """Replace a graph's int8 file by a same-interface graph with other weights, and re-hash the manifest
+    so the sha256 check passes: only re-measuring the outputs can catch it."""
+    manifest_path = bundle / "manifest.json"
+    raw = json.loads(manifest_path.read_text())
+    variant = raw["graphs"][role]["variants"]["int8"]
+    fp32 = raw["graphs"][role]["variants"]["fp32"]
+    proto = onnx.load(str(bundle / fp32["file"]))
+    rng = np.random.default_rng(7)
+    for init in proto.graph.initializer:
+        w = numpy_helper.to_array(init)
+        if w.dtype == np.float32 and w.size > 16:
+            init.CopyFrom(numpy_helper.from_array(rng.permutation(w.ravel()).reshape(w.shape), init.name))
+    name = f"{role}.impostor.onnx"
+    onnx.save(proto, str(bundle / name))
+    path = bundle / name
+    variant.update(file=name, sha256=sha256_file(path), size_bytes=path.stat().st_size)
+    manifest_path.write_text(json.dumps(raw, indent=2))
+
+
+@pytest.mark.parametrize("with_data", [True, False], ids=["real-samples", "random-inputs"])
+def test_verify_fails_when_an_int8_graph_is_swapped_and_rehashed(int8_bundle: Path, tiny_run: Path,
+                                                                 tmp_path: Path, with_data: bool, capsys) -> None:
+    from model.cli import main
+
+    bundle = tmp_path / "swapped"
+    shutil.copytree(int8_bundle, bundle)
+    _swap_in_impostor(bundle, "image_encoder")
+    load_bundle_manifest(bundle)  # the sha256 check alone is fooled
+    argv = ["verify", str(bundle), "--min-int8-agreement", str(TINY_INT8.min_agreement)]
+    if with_data:
+        argv += ["--run", str(tiny_run)]
+    assert main(argv) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert not report["ok"]
+    assert any(f.startswith("int8") for f in report["failures"]), report["failures"]
+    assert report["inputs"]["kind"] == ("real" if with_data else "random")
+
+
+def test_verify_fails_on_a_tampered_file(int8_bundle: Path, tmp_path: Path) -> None:
+    from model.verify import verify_bundle
+
+    bundle = tmp_path / "tampered"
+    shutil.copytree(int8_bundle, bundle)
+    target = bundle / "image_encoder.int8.onnx"
+    target.write_bytes(target.read_bytes()[:-10])
+    report = verify_bundle(bundle)
+    assert not report["ok"]
+    assert "sha256" in report["failures"][0]
