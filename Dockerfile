@@ -3,7 +3,17 @@
 #   CPU:  docker build -t mmfusion:cpu .
 #   GPU:  docker build --build-arg VARIANT=gpu -t mmfusion:gpu .
 # The bundle is read from /models/default (mount or COPY a bundle there); the vector index
-# lives in /data/index (mount a volume). The root file system can be read-only.
+# lives in /data/index (mount a volume).
+#
+# Hardened run: a non-root user (uid 10001, no shell, no home), a read-only root file system with
+# the index volume as the only writable path, no capabilities, no privilege escalation. The server
+# writes nothing else (no bytecode: PYTHONDONTWRITEBYTECODE=1; logs go to stdout); the small /tmp
+# tmpfs is for libraries that insist on a scratch directory.
+#   docker run --read-only --tmpfs /tmp:rw,noexec,nosuid,size=16m \
+#     -v mmfusion-index:/data -v "$PWD/models/default:/models/default:ro" \
+#     --cap-drop ALL --security-opt no-new-privileges -p 8000:8000 mmfusion:cpu
+# Images are never fetched by URL (no server-side request forgery); no route reads a path from the
+# request; bundles are refused unless every file matches its sha256 in manifest.json.
 ARG VARIANT=cpu
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 ARG CUDA_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04

@@ -1,4 +1,5 @@
-"""FastAPI app factory. Request lifecycle: decode (thread pool) -> encoders -> fusion -> encode.
+"""FastAPI app factory. Request lifecycle: decode (thread pool) -> per-graph batching queues
+(encoders, then fusion head; one inference thread per graph) -> encode the response.
 
 ``uvicorn app.main:app`` serves the bundle named by ``MMFUSION_BUNDLE``; tests call
 ``create_app(Settings(...))`` and use ``with TestClient(app)`` so the lifespan runs.
@@ -24,10 +25,13 @@ from app.api.middleware import BodyLimitMiddleware, RequestIdMiddleware
 from app.api.routes import classify, embed, health, search
 from app.api.routes import index as index_routes
 from app.api.state import ServiceState
+from app.api.timeout import TimeoutMiddleware
 from app.core import metrics
 from app.core.config import Settings, get_settings
 from app.core.logging import configure_logging
 from app.index import IndexStoreError, VectorIndex
+from app.inference.batched import BatchedPipeline
+from app.inference.batcher import BatchingConfig
 from app.inference.pipeline import ModelPipeline
 
 log = logging.getLogger("mmfusion.app")
@@ -53,8 +57,15 @@ def open_index(state: ServiceState, pipeline: ModelPipeline) -> None:
         metrics.INDEX_ITEMS.set(state.index.count)
     except IndexStoreError as exc:
         state.index = None
-        state.notes["index"] = f"index unavailable: {exc}"
+        # exc.message names no host path (it reaches clients); the log line below keeps the full detail.
+        state.notes["index"] = f"index unavailable: {exc.message}"
         log.error("index at %s unavailable (search and /v1/index answer 503): %s", path, exc)
+
+
+def batching_config(settings: Settings) -> BatchingConfig:
+    return BatchingConfig(max_batch_size=settings.max_batch_size,
+                          max_queue_delay_s=settings.max_queue_delay_ms / 1000.0,
+                          max_queue_size=settings.max_queue_size)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -68,9 +79,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         t0 = time.perf_counter()
         state.decode_pool = ThreadPoolExecutor(settings.resolved_decode_threads(), thread_name_prefix="decode")
-        pipeline = ModelPipeline(settings.bundle, settings)  # raises BundleError: refuse to serve it
+        # raises BundleError: refuse to serve it. The graphs run concurrently, one thread each: split the threads.
+        pipeline = ModelPipeline(settings.bundle, settings, split_threads=True)
         if settings.warmup:
             pipeline.warmup()
+        batched = BatchedPipeline(pipeline, batching_config(settings))
+        pipeline.batched = batched
         state.pipeline = pipeline
         open_index(state, pipeline)
         assert state.keys is not None
@@ -87,6 +101,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             state.ready = False
             metrics.READY.set(0)
+            # New requests now get 503 not_ready; the ones already queued or half-way run to the end.
+            await batched.aclose()
+            pipeline.batched = None
             if state.index is not None:
                 state.index.close()
             state.decode_pool.shutdown(wait=True, cancel_futures=True)
@@ -113,6 +130,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_middleware(CORSMiddleware, allow_origins=[o.strip() for o in settings.cors_origins.split(",")],
                            allow_methods=["*"], allow_headers=["*"])
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    # Per-request deadline (app.api.timeout): 504 + cancel the request's work; inside the request-id
+    # middleware so the 504 carries X-Request-ID and is counted in the metrics.
+    app.add_middleware(TimeoutMiddleware, timeout_s=settings.request_timeout_s)
     # Outermost: request id, access log, last-resort 500, and the request metrics (it sees the final
     # status of every request, including the 413s BodyLimitMiddleware answers itself).
     app.add_middleware(RequestIdMiddleware, record_metrics=True)

@@ -28,6 +28,7 @@ import binascii
 import codecs
 import json
 import math
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -103,10 +104,17 @@ def check_text(text: str | None, max_chars: int, field_name: str = "text", requi
         raise InvalidFieldError(f"{field_name} is not valid Unicode (it holds a lone surrogate code point)",
                                 field=field_name)
     cleaned = clean_text(text)
-    if not cleaned.strip():
-        raise InvalidFieldError(f"{field_name} must not be empty, whitespace or control characters only",
-                                field=field_name)
+    if not _visible(cleaned):
+        raise InvalidFieldError(f"{field_name} must not be empty, or only whitespace, control or invisible "
+                                "format characters", field=field_name)
     return cleaned
+
+
+def _visible(text: str) -> bool:
+    """True if ``text`` has a character that is neither whitespace nor an invisible format character
+    (``Cf``: zero-width space, BOM, direction marks). Format characters are kept inside real text
+    (``app.preprocessing.text``), but a text made only of them carries nothing to encode."""
+    return any(not ch.isspace() and (ch.isascii() or unicodedata.category(ch) != "Cf") for ch in text)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -38,6 +38,8 @@ class ServiceState:
     decode_pool: ThreadPoolExecutor | None = None
     ready: bool = False
     notes: dict[str, str] = field(default_factory=dict)
+    pending_decodes: int = 0
+    """Images accepted for decoding and not yet decoded (event-loop only, so no lock)."""
 
     def model_ref(self) -> ModelRef:
         p = self.require_pipeline()

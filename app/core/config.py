@@ -50,7 +50,11 @@ class Settings(BaseSettings):
         description="ONNX Runtime execution providers, comma separated, or 'auto' (CUDA if available, else CPU).",
     )
     precision: Literal["auto", "fp32", "fp16", "int8"] = "auto"
-    intra_op_threads: int = Field(default=0, ge=0, description="0 = the CPUs the container may use.")
+    intra_op_threads: int = Field(
+        default=0, ge=0,
+        description="ONNX Runtime intra-op thread budget, 0 = the CPUs the container may use. The server splits "
+        "it per graph (each has its own inference thread): image encoder all of it, text encoder half, fusion head 1.",
+    )
     index_path: Path = Field(default=Path("data/index"), description="Directory of the persistent vector index.")
     max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(default=40_000_000, ge=1)
@@ -71,6 +75,30 @@ class Settings(BaseSettings):
     admin_keys_file: Path | None = Field(default=None, description="File of admin keys, same format as api_keys_file.")
     cors_origins: str = ""
     warmup: bool = True
+    max_batch_size: int = Field(
+        default=32, ge=1,
+        description="Dynamic batching: most rows one graph call carries (a larger client batch runs alone).",
+    )
+    max_queue_delay_ms: float = Field(
+        default=0.0, ge=0.0,
+        description="Dynamic batching: longest the oldest queued request waits for a batch to fill; "
+        "0 = run what is queued now (no added latency when idle; batches still form under load).",
+    )
+    max_queue_size: int = Field(
+        default=128, ge=1,
+        description="Requests that may wait per graph queue; when full, requests get 503 'overloaded' "
+        "with Retry-After at once.",
+    )
+    request_timeout_s: float = Field(
+        default=30.0, ge=0.0,
+        description="Deadline for a whole request (body upload included): past it the request is cancelled "
+        "(dropped from the batching queue if still waiting) and answered 504 'timeout'. 0 = no deadline.",
+    )
+    text_cache_size: int = Field(
+        default=1024, ge=0,
+        description="LRU cache of text-encoder outputs keyed by token ids, in entries (0 = off). "
+        "MiniLM: 18 KB per 12-token text, 98 KB at 64 tokens.",
+    )
 
     def resolved_intra_op_threads(self) -> int:
         return self.intra_op_threads or container_cpus()

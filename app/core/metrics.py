@@ -11,7 +11,15 @@ Who records what:
   graph call, ``graph`` in image_encoder / text_encoder / fusion_head; record both with
   :func:`observe_inference`.
 * ``mmfusion_queue_depth{stage}``: work items submitted to a worker pool and not yet started
-  (``stage`` = ``decode`` or ``inference``); :func:`run_in_pool` keeps it.
+  (``stage`` = ``decode``, kept by :func:`run_in_pool`), or requests waiting in a graph's batching
+  queue (``stage`` = the graph name, kept by ``app.inference.batcher.GraphBatcher``).
+* ``mmfusion_queue_wait_seconds{graph}``: time from joining a graph's batching queue to the start of
+  the batch that carried the request.
+* ``mmfusion_rejected_total{graph}``: requests refused with 503 ``overloaded`` because that graph's
+  queue was full; ``mmfusion_cancelled_total{graph}``: requests dropped from the queue unrun because
+  their caller went away (client disconnect, request timeout).
+* ``mmfusion_text_cache_total{result}``: text-encoder cache lookups, ``result`` = ``hit`` or ``miss``
+  (one per text row); ``mmfusion_text_cache_entries``: rows held.
 * ``mmfusion_in_flight_requests``, ``mmfusion_index_items``, ``mmfusion_ready``: gauges.
 """
 
@@ -39,16 +47,29 @@ INFERENCE_LATENCY = Histogram(
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
 BATCH_SIZE = Histogram("mmfusion_batch_size", "Items per graph call", ["graph"], buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+QUEUE_WAIT = Histogram(
+    "mmfusion_queue_wait_seconds", "Time a request waited in a graph's batching queue", ["graph"],
+    buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+REJECTED = Counter("mmfusion_rejected_total", "Requests refused because a batching queue was full", ["graph"])
+CANCELLED = Counter("mmfusion_cancelled_total", "Queued requests dropped unrun (caller went away)", ["graph"])
+TEXT_CACHE = Counter("mmfusion_text_cache_total", "Text-encoder cache lookups per text row", ["result"])
+TEXT_CACHE_ENTRIES = Gauge("mmfusion_text_cache_entries", "Text-encoder outputs held in the cache")
 QUEUE_DEPTH = Gauge("mmfusion_queue_depth", "Work items waiting for a worker thread", ["stage"])
 IN_FLIGHT = Gauge("mmfusion_in_flight_requests", "Requests being processed")
 INDEX_ITEMS = Gauge("mmfusion_index_items", "Items in the vector index")
 READY = Gauge("mmfusion_ready", "1 once the model is loaded and warmed up")
 
 GRAPHS = ("image_encoder", "text_encoder", "fusion_head")
-STAGES = ("decode", "inference")
+STAGES = ("decode", *GRAPHS)
 for _graph in GRAPHS:  # export the series at 0 before the first call, so dashboards see them
     INFERENCE_LATENCY.labels(_graph)
     BATCH_SIZE.labels(_graph)
+    QUEUE_WAIT.labels(_graph)
+    REJECTED.labels(_graph)
+    CANCELLED.labels(_graph)
+for _result in ("hit", "miss"):
+    TEXT_CACHE.labels(_result)
 for _stage in STAGES:
     QUEUE_DEPTH.labels(_stage).set(0)
 

@@ -16,13 +16,36 @@ from pathlib import Path
 from app.core.errors import MMFusionError
 
 REBUILD_HINT = "run `mmfusion index rebuild`, or delete the index directory"
+INDEX_DIR_NAME = "the index directory (MMFUSION_INDEX_PATH)"
+
+
+def _scrub(text: str, *paths: Path) -> str:
+    """``text`` with every absolute path in ``paths`` replaced by a name that reveals nothing about the host.
+
+    Index errors reach clients (``/v1/search`` answers 503 with the reason the index could not be
+    opened), and an absolute path tells an attacker the deployment's layout. The full path stays in
+    the exception's ``detail`` and in the server log, where an operator needs it.
+    """
+    for path in sorted(paths, key=lambda p: len(str(p)), reverse=True):
+        if str(path) not in ("", "."):
+            text = text.replace(str(path), path.name or INDEX_DIR_NAME)
+    return text
 
 
 class IndexStoreError(MMFusionError):
-    """Base of every error the vector index raises on purpose."""
+    """Base of every error the vector index raises on purpose.
+
+    Two texts: ``message`` is what a client may see (HTTP responses, ``/v1/index``), so it never holds
+    an absolute path; ``detail`` (what ``str()`` returns: server logs, the ``mmfusion index`` CLI) names
+    the files on disk, because the operator who must act on it needs them.
+    """
 
     status_code = 500
     code = "index_error"
+    detail: str | None = None
+
+    def __str__(self) -> str:
+        return self.detail or self.message
 
 
 class InvalidItemIdError(IndexStoreError):
@@ -97,9 +120,11 @@ class IndexCorruptError(IndexStoreError):
 
     def __init__(self, path: Path, problem: str, *, index_dir: Path | None = None):
         where = index_dir if index_dir is not None else path.parent
+        self.detail = (f"vector index file {path} is corrupt: {problem}. The index cannot be opened safely; "
+                       f"{REBUILD_HINT} ({where}) and re-add the items.")
         super().__init__(
-            f"vector index file {path} is corrupt: {problem}. The index cannot be opened safely; "
-            f"{REBUILD_HINT} ({where}) and re-add the items."
+            f"vector index file {path.name!r} in {INDEX_DIR_NAME} is corrupt: {_scrub(problem, path, where)}. "
+            f"The index cannot be opened safely; {REBUILD_HINT} and re-add the items."
         )
         self.path = path
         self.problem = problem
@@ -124,12 +149,14 @@ class IndexBundleMismatchError(IndexStoreError):
     ):
         built_name, built_version, built_dim = index_bundle
         name, version, dim = loaded_bundle
-        super().__init__(
-            f"vector index at {path} was built by bundle {built_name!r} version {built_version!r} "
+        problem = (
+            f"was built by bundle {built_name!r} version {built_version!r} "
             f"(dim {built_dim}), but the loaded bundle is {name!r} version {version!r} (dim {dim}). "
             "Embeddings from different bundles are not comparable. Rebuild the index with "
             "`mmfusion index rebuild` (or point MMFUSION_INDEX_PATH elsewhere)."
         )
+        self.detail = f"vector index at {path} {problem}"
+        super().__init__(f"vector index in {INDEX_DIR_NAME} {problem}")
         self.path = path
         self.index_bundle = index_bundle
         self.loaded_bundle = loaded_bundle
@@ -146,9 +173,10 @@ class IndexLockedError(IndexStoreError):
     code = "index_locked"
 
     def __init__(self, path: Path):
-        super().__init__(
-            f"vector index at {path} is already open in another process or VectorIndex object "
-            f"(lock file {path / 'LOCK'}). Run a single server worker per index directory, close the "
-            "other user, or point MMFUSION_INDEX_PATH elsewhere."
-        )
+        advice = ("Run a single server worker per index directory, close the other user, or point "
+                  "MMFUSION_INDEX_PATH elsewhere.")
+        self.detail = (f"vector index at {path} is already open in another process or VectorIndex object "
+                       f"(lock file {path / 'LOCK'}). {advice}")
+        super().__init__(f"vector index in {INDEX_DIR_NAME} is already open in another process or VectorIndex "
+                         f"object (its LOCK file is held). {advice}")
         self.path = path

@@ -66,7 +66,7 @@ def test_one_bad_item_gets_its_own_error_and_the_good_ones_match_single_calls(cl
 
 
 def test_good_items_run_as_one_batched_inference_call(client, tiny_config, monkeypatch) -> None:
-    pipeline = client.app.state.service.pipeline
+    pipeline = client.app.state.service.pipeline.batched
     calls: list[tuple[int, int]] = []
     real = pipeline.classify
 
@@ -84,7 +84,7 @@ def test_good_items_run_as_one_batched_inference_call(client, tiny_config, monke
 
 
 def test_all_items_bad_runs_no_inference_and_is_still_200(client, monkeypatch) -> None:
-    pipeline = client.app.state.service.pipeline
+    pipeline = client.app.state.service.pipeline.batched
 
     def boom(*_: object, **__: object) -> None:
         raise AssertionError("inference must not run without a good item")

@@ -26,7 +26,7 @@ from app.api.schemas import (
     inline_json_schema,
 )
 from app.api.state import State
-from app.api.work import decode, infer
+from app.api.work import batched, decode
 from app.core.errors import (
     InvalidFieldError,
     MMFusionError,
@@ -87,7 +87,7 @@ async def classify(request: Request, state: State) -> ClassifyResponse:
     t = time.perf_counter()
     pixels = await decode(state, payload.image)
     timings.add("decode", t)
-    probs, truncated = await infer(pipeline.classify, pixels[None], [text], timings)
+    probs, truncated = await batched(state).classify(pixels[None], [text], timings)
     p = probs[0]
     order = np.argsort(-p)[:top_k]
     labels = pipeline.manifest.labels
@@ -155,8 +155,8 @@ _BATCH_DESCRIPTION = """Classify up to `MMFUSION_MAX_CLIENT_BATCH` image+text pa
   alone. A bad item (invalid base64, undecodable or oversized image, empty or too long text, bad
   `top_k`) gets an `error` (`code`, `message`, `field` naming the field inside the item) and the
   others still succeed; the response is 200 whenever the request itself is well-formed.
-* All good items are decoded concurrently in the decode pool and run through the model as ONE
-  batched inference call.
+* All good items are decoded concurrently in the decode pool and run through the model together
+  (one request in each graph's batching queue, possibly merged with other clients' requests).
 * More items than the limit: **413** `payload_too_large` with `field: "items"` (nothing is run);
   an empty list or a body that is not `{"items": [...]}`: 422.
 """
@@ -203,7 +203,7 @@ async def classify_batch(request: Request, state: State) -> ClassifyBatchRespons
 
     if good:
         batch = np.stack([pixels for _, pixels, _, _ in good])
-        probs, truncated = await infer(pipeline.classify, batch, [text for _, _, text, _ in good], timings)
+        probs, truncated = await batched(state).classify(batch, [text for _, _, text, _ in good], timings)
         labels = pipeline.manifest.labels
         for row, (i, _, _, top_k) in enumerate(good):
             p = probs[row]

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request
 from app.api.payload import check_text, read_payload
 from app.api.schemas import EmbedJSONRequest, EmbedResponse, ErrorResponse
 from app.api.state import State
-from app.api.work import decode, infer
+from app.api.work import batched, decode
 from app.core.errors import InvalidFieldError
 from app.inference.pipeline import Timings
 
@@ -38,7 +38,8 @@ EMBED_BODY = {
              responses={c: {"model": ErrorResponse} for c in (400, 401, 413, 415, 422, 503)},
              summary="Embed an image and/or a text into the shared retrieval space")
 async def embed(request: Request, state: State) -> EmbedResponse:
-    pipeline = state.require_pipeline()
+    encoders = batched(state)
+    pipeline = encoders.pipeline
     payload = await read_payload(request, EmbedJSONRequest, max_part_bytes=state.settings.max_upload_bytes)
     text = check_text(payload.text, state.settings.max_text_chars, required=False)
     if payload.image is None and text is None:
@@ -50,11 +51,11 @@ async def embed(request: Request, state: State) -> EmbedResponse:
         pixels = await decode(state, payload.image)
         timings.add("decode", t)
         t = time.perf_counter()
-        out.image_embedding = (await infer(pipeline.embed_images, pixels[None]))[0].astype(float).tolist()
+        out.image_embedding = (await encoders.embed_images(pixels[None]))[0].astype(float).tolist()
         timings.add("image_encoder", t)
     if text is not None:
         t = time.perf_counter()
-        emb, truncated = await infer(pipeline.embed_texts, [text])
+        emb, truncated = await encoders.embed_texts([text])
         out.text_embedding = emb[0].astype(float).tolist()
         out.truncated = truncated[0]
         timings.add("text_encoder", t)

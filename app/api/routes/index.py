@@ -1,7 +1,7 @@
 """Index management under /v1/index: add/replace, batch add, get, delete, status.
 
 What is stored for an item: its id, the text it was embedded from (if any), the client's metadata,
-and one unit vector made by the same rule as a search query (``search.embed_mixed``): the image
+and one unit vector made by the same rule as a search query (``search.embed_mixed_batched``): the image
 embedding, the text embedding, or the two averaged and re-normalised when both are sent. How the
 vector was made is recorded under the reserved metadata key ``_source`` (``embedded_from``, and
 ``image_path`` when ``mmfusion index import`` read the image from a file), so ``mmfusion index
@@ -31,7 +31,7 @@ from app.api.payload import (
     read_payload,
 )
 from app.api.routes.classify import error_detail, json_body, read_json_items, validate_item
-from app.api.routes.search import SOURCE_KEY, embed_mixed, public_metadata
+from app.api.routes.search import SOURCE_KEY, embed_mixed_batched, public_metadata
 from app.api.schemas import (
     ITEM_ID_DESCRIPTION,
     BundleIdentity,
@@ -47,7 +47,7 @@ from app.api.schemas import (
     ItemSource,
 )
 from app.api.state import ServiceState, State
-from app.api.work import decode, infer
+from app.api.work import batched, decode, infer
 from app.core import metrics
 from app.core.errors import InvalidFieldError, MMFusionError
 from app.index import IndexManifest, IndexStoreError, ItemNotFoundError, validate_item_id
@@ -135,7 +135,7 @@ def _audit(principal: Principal, action: str, ids: list[str], count: int) -> Non
     "durable. Ids: 1-256 characters of [A-Za-z0-9._:-]; anything else (path traversal, '/', too long) is 422.",
 )
 async def add_item(request: Request, response: Response, state: State, principal: AdminKey) -> IndexWriteResponse:
-    pipeline = state.require_pipeline()
+    encoders = batched(state)
     index = state.require_index()
     settings = state.settings
     payload = await read_payload(request, IndexItemJSONRequest, max_part_bytes=settings.max_upload_bytes)
@@ -153,7 +153,7 @@ async def add_item(request: Request, response: Response, state: State, principal
         t = time.perf_counter()
         pixels = await decode(state, payload.image)
         timings.add("decode", t)
-    vectors, kinds, truncated = await infer(embed_mixed, pipeline, [pixels], [text], timings)
+    vectors, kinds, truncated = await embed_mixed_batched(encoders, [pixels], [text], timings)
     metadata = stored_metadata(item_id, user, kinds[0])
     t = time.perf_counter()
     created = await infer(lambda: index.add(item_id, vectors[0], text=text, metadata=metadata))
@@ -179,7 +179,7 @@ durable. More items than the limit: 413 (`field: "items"`), nothing is stored.
              openapi_extra=json_body(IndexBatchRequest), summary="Add or replace many items at once",
              description=_BATCH_DESCRIPTION)
 async def add_items(request: Request, state: State, principal: AdminKey) -> IndexBatchResponse:
-    pipeline = state.require_pipeline()
+    encoders = batched(state)
     index = state.require_index()
     settings = state.settings
     raw_items = await read_json_items(request, settings.max_client_batch)
@@ -231,7 +231,8 @@ async def add_items(request: Request, state: State, principal: AdminKey) -> Inde
             good.append((i, item_id, pixels, text, user))
 
     if good:
-        vectors, kinds, _ = await infer(embed_mixed, pipeline, [g[2] for g in good], [g[3] for g in good], timings)
+        vectors, kinds, _ = await embed_mixed_batched(encoders, [g[2] for g in good], [g[3] for g in good],
+                                                      timings)
         ids, texts, metas, rows = [], [], [], []
         for row, (i, item_id, _, text, user) in enumerate(good):
             try:

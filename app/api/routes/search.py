@@ -2,8 +2,8 @@
 
 Combination rule for image+text (queries here, and items stored by ``/v1/index/items`` and
 ``mmfusion index import``): the two L2-normalised embeddings are averaged and re-normalised, so
-each modality counts equally whatever its raw scale. :func:`combine` and :func:`embed_mixed` are
-the one implementation of that rule.
+each modality counts equally whatever its raw scale. :func:`combine` and :func:`_assemble` (used by
+:func:`embed_mixed` and :func:`embed_mixed_batched`) are the one implementation of that rule.
 
 Filters are metadata equality on top-level scalar keys (every key must match, ``1 == 1.0``,
 ``true != 1``); the top-k is exact within the matching items.
@@ -11,6 +11,7 @@ Filters are metadata equality on top-level scalar keys (every key must match, ``
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
 
@@ -24,8 +25,9 @@ from app.api.payload import (
 )
 from app.api.schemas import ErrorResponse, SearchHit, SearchJSONRequest, SearchResponse
 from app.api.state import State
-from app.api.work import decode, infer
+from app.api.work import batched, decode, infer
 from app.core.errors import InvalidFieldError
+from app.inference.batched import BatchedPipeline
 from app.inference.pipeline import ModelPipeline, Timings
 
 # Metadata key under which the index API and CLI record how an item was embedded (see routes/index.py).
@@ -61,38 +63,19 @@ def combine(vectors: list[np.ndarray]) -> np.ndarray:
     return (v / norm if norm > 0 else vectors[0]).astype(np.float32)
 
 
-def embed_mixed(
-    pipeline: ModelPipeline,
-    pixels: Sequence[np.ndarray | None],
-    texts: Sequence[str | None],
-    timings: Timings | None = None,
-) -> tuple[np.ndarray, list[str], list[bool]]:
-    """Embed items that each have an image, a text or both, with ONE call per encoder.
+def _split_rows(pixels: Sequence[np.ndarray | None], texts: Sequence[str | None]) -> tuple[list[int], list[int]]:
+    if len(texts) != len(pixels):
+        raise ValueError(f"{len(pixels)} images for {len(texts)} texts")
+    return ([i for i in range(len(pixels)) if pixels[i] is not None],
+            [i for i in range(len(texts)) if texts[i] is not None])
 
-    Returns ``(vectors [n, dim], embedded_from per item, text truncated per item)``; each vector is
-    the image embedding, the text embedding, or :func:`combine` of both. Every item needs at least
-    one of the two (callers validate that first).
-    """
-    n = len(pixels)
-    if len(texts) != n:
-        raise ValueError(f"{n} images for {len(texts)} texts")
-    timings = timings or Timings()
-    dim = pipeline.manifest.embedding_dim
-    image_rows = [i for i in range(n) if pixels[i] is not None]
-    text_rows = [i for i in range(n) if texts[i] is not None]
-    image_emb = np.empty((0, dim), dtype=np.float32)
-    text_emb = np.empty((0, dim), dtype=np.float32)
+
+def _assemble(n: int, dim: int, image_rows: list[int], image_emb: np.ndarray, text_rows: list[int],
+              text_emb: np.ndarray, flags: Sequence[bool]) -> tuple[np.ndarray, list[str], list[bool]]:
+    """Per item: the image embedding, the text embedding, or :func:`combine` of both."""
     truncated = [False] * n
-    if image_rows:
-        t = time.perf_counter()
-        image_emb = pipeline.embed_images(np.stack([pixels[i] for i in image_rows]))  # type: ignore[misc]
-        timings.add("image_encoder", t)
-    if text_rows:
-        t = time.perf_counter()
-        text_emb, flags = pipeline.embed_texts([texts[i] for i in text_rows])  # type: ignore[misc]
-        timings.add("text_encoder", t)
-        for i, flag in zip(text_rows, flags, strict=True):
-            truncated[i] = bool(flag)
+    for i, flag in zip(text_rows, flags, strict=True):
+        truncated[i] = bool(flag)
     image_of = {row: image_emb[j] for j, row in enumerate(image_rows)}
     text_of = {row: text_emb[j] for j, row in enumerate(text_rows)}
     vectors = np.empty((n, dim), dtype=np.float32)
@@ -109,6 +92,72 @@ def embed_mixed(
             raise ValueError(f"item {i} has neither an image nor a text")
         kinds.append(kind)
     return vectors, kinds, truncated
+
+
+def embed_mixed(
+    pipeline: ModelPipeline,
+    pixels: Sequence[np.ndarray | None],
+    texts: Sequence[str | None],
+    timings: Timings | None = None,
+) -> tuple[np.ndarray, list[str], list[bool]]:
+    """Embed items that each have an image, a text or both, with ONE call per encoder (synchronous: CLI).
+
+    Returns ``(vectors [n, dim], embedded_from per item, text truncated per item)``; each vector is
+    the image embedding, the text embedding, or :func:`combine` of both. Every item needs at least
+    one of the two (callers validate that first). The server uses :func:`embed_mixed_batched`.
+    """
+    image_rows, text_rows = _split_rows(pixels, texts)
+    timings = timings or Timings()
+    dim = pipeline.manifest.embedding_dim
+    image_emb = np.empty((0, dim), dtype=np.float32)
+    text_emb = np.empty((0, dim), dtype=np.float32)
+    flags: list[bool] = []
+    if image_rows:
+        t = time.perf_counter()
+        image_emb = pipeline.embed_images(np.stack([pixels[i] for i in image_rows]))  # type: ignore[misc]
+        timings.add("image_encoder", t)
+    if text_rows:
+        t = time.perf_counter()
+        text_emb, flags = pipeline.embed_texts([texts[i] for i in text_rows])  # type: ignore[misc]
+        timings.add("text_encoder", t)
+    return _assemble(len(pixels), dim, image_rows, image_emb, text_rows, text_emb, flags)
+
+
+async def embed_mixed_batched(
+    encoders: BatchedPipeline,
+    pixels: Sequence[np.ndarray | None],
+    texts: Sequence[str | None],
+    timings: Timings | None = None,
+) -> tuple[np.ndarray, list[str], list[bool]]:
+    """:func:`embed_mixed` through the dynamic batchers; the two encoders run concurrently."""
+    image_rows, text_rows = _split_rows(pixels, texts)
+    timings = timings or Timings()
+    dim = encoders.pipeline.manifest.embedding_dim
+
+    async def images() -> np.ndarray:
+        if not image_rows:
+            return np.empty((0, dim), dtype=np.float32)
+        t = time.perf_counter()
+        emb = await encoders.embed_images(np.stack([pixels[i] for i in image_rows]))  # type: ignore[misc]
+        timings.add("image_encoder", t)
+        return emb
+
+    async def text() -> tuple[np.ndarray, list[bool]]:
+        if not text_rows:
+            return np.empty((0, dim), dtype=np.float32), []
+        t = time.perf_counter()
+        out = await encoders.embed_texts([texts[i] for i in text_rows])  # type: ignore[misc]
+        timings.add("text_encoder", t)
+        return out
+
+    tasks = [asyncio.ensure_future(images()), asyncio.ensure_future(text())]
+    try:
+        image_emb, (text_emb, flags) = await asyncio.gather(*tasks)  # type: ignore[misc]
+    except BaseException:  # one queue full: do not run the other encoder for nothing
+        for task in tasks:
+            task.cancel()
+        raise
+    return _assemble(len(pixels), dim, image_rows, image_emb, text_rows, text_emb, flags)
 
 
 def public_metadata(metadata: dict | None) -> dict:
@@ -146,7 +195,7 @@ def _parse_filter(raw: object) -> dict | None:
              "scalar value; the top-k is exact within those items. 503 `index_unavailable` when the index could "
              "not be opened (the message says how to recover, e.g. `mmfusion index rebuild`).")
 async def search(request: Request, state: State) -> SearchResponse:
-    pipeline = state.require_pipeline()
+    encoders = batched(state)
     index = state.require_index()
     payload = await read_payload(request, SearchJSONRequest, max_part_bytes=state.settings.max_upload_bytes)
     text = check_text(payload.text, state.settings.max_text_chars, required=False)
@@ -160,7 +209,7 @@ async def search(request: Request, state: State) -> SearchResponse:
         t = time.perf_counter()
         pixels = await decode(state, payload.image)
         timings.add("decode", t)
-    vectors, kinds, _ = await infer(embed_mixed, pipeline, [pixels], [text], timings)
+    vectors, kinds, _ = await embed_mixed_batched(encoders, [pixels], [text], timings)
     t = time.perf_counter()
     hits = (await infer(index.search, vectors[0], k, flt))[0]
     timings.add("index_search", t)

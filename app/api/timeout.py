@@ -1,0 +1,60 @@
+"""Per-request deadline (``MMFUSION_REQUEST_TIMEOUT_S``): 504 in the error schema, and the work is cancelled.
+
+Why a deadline at all: a client that gave up still holds a slot (a decode thread, a place in a
+batching queue, a connection) until the server notices; without a bound, slow uploads or a stuck
+graph turn into an unbounded pile of abandoned work. When the deadline passes, the request's task is
+cancelled: a request still waiting in a batching queue is dropped from it (``app.inference.batcher``
+discards cancelled entries, so its slot frees at once), awaiting code stops at its next ``await``,
+and the client gets ``504 {"error": {"code": "timeout", ...}}``. Work already handed to a thread (a
+decode in progress, a graph call already running for a whole batch) cannot be interrupted by Python;
+it finishes and its result is thrown away.
+
+The deadline covers the whole request, body upload included (a slow-loris upload is cut off too).
+Once the response has started it can no longer be replaced, so the deadline then closes the
+connection instead (logged). ``0`` disables it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.api.middleware import send_error
+
+log = logging.getLogger("mmfusion.api")
+
+TIMEOUT_CODE = "timeout"
+
+
+class TimeoutMiddleware:
+    def __init__(self, app: ASGIApp, timeout_s: float):
+        self.app = app
+        self.timeout_s = timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self.timeout_s <= 0:
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                await self.app(scope, receive, tracking_send)
+        except TimeoutError:
+            if started:
+                log.error("request %s %s passed its %.3g s deadline while its response was being sent",
+                          scope.get("method"), scope.get("path"), self.timeout_s)
+                raise
+            log.warning("request %s %s cancelled after its %.3g s deadline (MMFUSION_REQUEST_TIMEOUT_S)",
+                        scope.get("method"), scope.get("path"), self.timeout_s)
+            await send_error(send, 504, TIMEOUT_CODE,
+                             f"the request did not complete within {self.timeout_s:g} s "
+                             "(MMFUSION_REQUEST_TIMEOUT_S); it was cancelled")

@@ -1,0 +1,175 @@
+"""The pipeline as the server runs it: every graph behind its own dynamic batcher.
+
+``ModelPipeline`` does the numerics; this class only decides *when* they run. Requests from
+different clients that reach a graph while it is busy are merged into one ``run`` call:
+
+* image encoder: pixel arrays concatenated on the batch axis, outputs split back by rows;
+* text encoder: the merged texts are tokenised together and padded to the longest miss of the
+  text cache (:meth:`ModelPipeline.encode_text_rows`); each text gets its own :class:`TextRow`;
+* fusion head: image outputs concatenated, text token vectors zero-padded (attention mask 0) to
+  the longest text of the merged batch (:meth:`ModelPipeline.fusion_feeds`).
+
+A classify request runs its image and text encoders concurrently (two different threads), then
+the fusion head. All methods are coroutines for the event loop; none blocks it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from contextlib import asynccontextmanager
+from typing import TypeVar
+
+import numpy as np
+
+from app.core.errors import NotReadyError
+from app.inference.batcher import BatchingConfig, GraphBatcher
+from app.inference.pipeline import ModelPipeline, TextRow, Timings
+from app.inference.runtime import SHRINK_AFTER_ROWS, batch_invariant
+
+log = logging.getLogger("mmfusion.batcher")
+T = TypeVar("T")
+
+ImageOutputs = dict[str, np.ndarray]
+FusionPayload = tuple[ImageOutputs, list[TextRow]]
+
+
+def _offsets(sizes: Sequence[int]) -> list[tuple[int, int]]:
+    bounds, start = [], 0
+    for n in sizes:
+        bounds.append((start, start + n))
+        start += n
+    return bounds
+
+
+def _concat(parts: Sequence[ImageOutputs]) -> ImageOutputs:
+    if len(parts) == 1:
+        return parts[0]
+    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
+
+class BatchedPipeline:
+    """Async front of a :class:`ModelPipeline`: three :class:`GraphBatcher` (one thread each)."""
+
+    def __init__(self, pipeline: ModelPipeline, config: BatchingConfig):
+        self.pipeline = pipeline
+        self.config = config
+        # A fusion head whose rows depend on their batch (dynamic INT8) runs each request on its own:
+        # it costs 0.3-0.6 ms per call, so merging saves little, and a result then never depends on
+        # which other requests happened to be queued with it.
+        self.fusion_per_request = not batch_invariant(pipeline.sessions["fusion_head"])
+        self._largest = {"image_encoder": 0, "text_encoder": 0, "fusion_head": 0}  # rows since the last shrink
+        self._active = 0  # public calls in progress (all on the server's one event loop)
+        self._closing = False
+        self._idle = asyncio.Event()
+        self.image: GraphBatcher[np.ndarray, ImageOutputs] = GraphBatcher(
+            "image_encoder", self._run_images, config)
+        self.text: GraphBatcher[list[str], list[TextRow]] = GraphBatcher("text_encoder", self._run_texts, config)
+        self.fusion: GraphBatcher[FusionPayload, np.ndarray] = GraphBatcher("fusion_head", self._run_fusion, config)
+
+    @asynccontextmanager
+    async def _call(self) -> AsyncIterator[None]:
+        """Count a public call, so :meth:`aclose` can wait for multi-stage ones (classify) to finish."""
+        if self._closing:
+            raise NotReadyError("the server is shutting down", retry_after_s=1)
+        self._active += 1
+        try:
+            yield
+        finally:
+            self._active -= 1
+            if self._active == 0:
+                self._idle.set()
+
+    # -- batch functions (each on its graph's inference thread) ------------------------------
+    def _shrink(self, batcher: GraphBatcher, rows: int) -> bool:  # type: ignore[type-arg]
+        """Shrink the graph's memory arena on this run? Only when a burst is over (see runtime.CPU_ARENA)."""
+        largest = self._largest[batcher.name] = max(self._largest[batcher.name], rows)
+        if largest > SHRINK_AFTER_ROWS and batcher.depth == 0:
+            self._largest[batcher.name] = 0
+            return True
+        return False
+
+    def _run_images(self, payloads: Sequence[np.ndarray]) -> list[ImageOutputs]:
+        merged = payloads[0] if len(payloads) == 1 else np.concatenate(payloads)
+        out = self.pipeline.encode_images(merged, shrink_arena=self._shrink(self.image, len(merged)))
+        return [{name: v[a:b] for name, v in out.items()} for a, b in _offsets([len(p) for p in payloads])]
+
+    def _run_texts(self, payloads: Sequence[list[str]]) -> list[list[TextRow]]:
+        texts = [t for p in payloads for t in p]
+        rows = self.pipeline.encode_text_rows(texts, shrink_arena=self._shrink(self.text, len(texts)))
+        return [rows[a:b] for a, b in _offsets([len(p) for p in payloads])]
+
+    def _run_fusion(self, payloads: Sequence[FusionPayload]) -> list[np.ndarray]:
+        if self.fusion_per_request and len(payloads) > 1:
+            return [self._run_fusion([p])[0] for p in payloads]
+        image = _concat([img for img, _ in payloads])
+        rows = [r for _, rs in payloads for r in rs]
+        probs = self.pipeline.fuse(self.pipeline.fusion_feeds(image, rows),
+                                   shrink_arena=self._shrink(self.fusion, len(rows)))
+        return [probs[a:b] for a, b in _offsets([len(rs) for _, rs in payloads])]
+
+    # -- what the routes call -------------------------------------------------------------------
+    async def encode_images(self, pixel_values: np.ndarray) -> ImageOutputs:
+        async with self._call():
+            return await self.image.submit(pixel_values, rows=len(pixel_values))
+
+    async def encode_text_rows(self, texts: list[str]) -> list[TextRow]:
+        async with self._call():
+            return await self.text.submit(list(texts), rows=len(texts))
+
+    async def classify(self, pixel_values: np.ndarray, texts: list[str], timings: Timings | None = None
+                       ) -> tuple[np.ndarray, list[bool]]:
+        """[B, 3, H, W] + B texts -> probabilities [B, C] and per-text truncation flags.
+
+        The two encoders run concurrently; ``timings`` gets each one's time including its queue wait.
+        """
+        if len(pixel_values) != len(texts):
+            raise ValueError(f"{len(pixel_values)} images for {len(texts)} texts")
+        timings = timings or Timings()
+
+        async def timed(stage: str, work: Awaitable[T]) -> T:
+            t = time.perf_counter()
+            result = await work
+            timings.add(stage, t)
+            return result
+
+        async with self._call():
+            tasks = [asyncio.ensure_future(timed("image_encoder", self.encode_images(pixel_values))),
+                     asyncio.ensure_future(timed("text_encoder", self.encode_text_rows(texts)))]
+            try:
+                image, rows = await asyncio.gather(*tasks)
+            except BaseException:  # one encoder failed (e.g. its queue is full): do not run the other
+                for task in tasks:
+                    task.cancel()
+                raise
+            t = time.perf_counter()
+            probs = await self.fusion.submit((image, rows), rows=len(rows))
+            timings.add("fusion_head", t)
+            return probs, [r.truncated for r in rows]
+
+    async def embed_images(self, pixel_values: np.ndarray) -> np.ndarray:
+        return (await self.encode_images(pixel_values))["image_embedding"]
+
+    async def embed_texts(self, texts: list[str]) -> tuple[np.ndarray, list[bool]]:
+        rows = await self.encode_text_rows(texts)
+        return np.stack([r.outputs["text_embedding"] for r in rows]), [r.truncated for r in rows]
+
+    async def aclose(self, drain_timeout_s: float = 30.0) -> None:
+        """Refuse new calls, let every call in progress finish (queued work runs), then stop the threads.
+
+        Calls are awaited first because a classify moves from the encoders' queues to the fusion
+        head's: closing a batcher under it would fail it half-way.
+        """
+        self._closing = True
+        if self._active:
+            self._idle.clear()
+            if self._active:
+                try:
+                    await asyncio.wait_for(self._idle.wait(), drain_timeout_s)
+                except TimeoutError:
+                    log.error("%d inference calls still running after %.0fs of shutdown", self._active,
+                              drain_timeout_s)
+        for batcher in (self.image, self.text, self.fusion):
+            await asyncio.to_thread(batcher.close)

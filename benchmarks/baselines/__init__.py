@@ -1,0 +1,1 @@
+"""Baseline servers the benchmark compares mmfusion with (each runs as its own process)."""

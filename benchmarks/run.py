@@ -1,0 +1,394 @@
+"""mmfusion benchmarks: model level, server level against three alternatives, start-up, memory, search.
+
+    python -m benchmarks.run --quick            # `make bench`: under 5 minutes on 2 cores
+    python -m benchmarks.run --full             # `make bench-full`: 4000x3000 photos, 64 clients, 1M vectors
+    python -m benchmarks.run --quick --run runs/default   # eager baseline from the run's own checkpoint
+
+What runs, all in one process and one run so the ratios compare like with like:
+
+* fp32 matmul peak (2048^3, numpy and ONNX Runtime MatMul, the benchmark's thread count);
+* model level: each graph and the classify pipeline at batch 1/8/32, PyTorch eager vs ONNX Runtime
+  fp32 vs the bundle's INT8 variant, with achieved GFLOP/s and % of the peak;
+* server level, closed loop over real HTTP with 1/4/16(/64) concurrent clients: classify with a
+  640x480 photo-like JPEG (and a 4000x3000 one in full mode), search by text, embed an image, for
+  (a) mmfusion (``uvicorn app.main:app`` subprocess), (b) the in-process ceiling (decode_image +
+  ModelPipeline from a thread pool, no HTTP), (c) ``benchmarks/baselines/naive_torch_server.py``
+  (FastAPI + PyTorch eager, tutorial style), (d) ``benchmarks/baselines/litserve_server.py``
+  (LitServe's batching over the same ONNX bundle; needs the ``bench`` extra);
+* start-up time to ready and resident memory of every server, the serving venv's installed size;
+* exact search latency over 1,000,000 vectors of the bundle's embedding dimension (quick mode: fewer).
+
+Eager weights (``--run``): the training run that produced the bundle (its ``best.pt``), so eager and
+ONNX are the same function. Bundles do not ship their run; without ``--run`` (or
+``MMFUSION_BENCH_RUN``) the eager model is rebuilt with ``model.build`` from the bundle manifest's
+architecture and the encoders' pretrained weights, with a randomly initialised fusion head: the
+speed is comparable (encoders are >95% of the FLOPs), the outputs are not; the report says which.
+
+Outputs: a printed table, ``benchmarks/results/bench-<mode>.json``, ``.md`` and ``.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import gc
+import json
+import os
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import QUESTIONS, RESULTS_DIR, SEARCH_QUERY, machine_info, matmul_peak, photo_like_jpeg
+
+MODES: dict[str, dict[str, Any]] = {
+    # Quick: enough for every acceptance ratio (1 and 16 clients), under 5 minutes on 2 busy cores.
+    "quick": {
+        "batches": (1, 8, 32), "eager_batches": (1, 8),
+        "model_budget": {"min_reps": 5, "min_seconds": 0.6, "max_seconds": 2.5},
+        "concurrency": (1, 4, 16), "side_concurrency": (1, 16), "warmup_s": 1.0, "duration_s": 4.0,
+        "large_image": False, "index_n": 200_000, "index_queries": 30, "index_batches": 3,
+    },
+    "full": {
+        "batches": (1, 8, 32), "eager_batches": (1, 8, 32),
+        "model_budget": {"min_reps": 5, "min_seconds": 1.0, "max_seconds": 20.0},
+        "concurrency": (1, 4, 16, 64), "side_concurrency": (1, 4, 16, 64), "warmup_s": 3.0, "duration_s": 15.0,
+        "large_image": True, "index_n": 1_000_000, "index_queries": 200, "index_batches": 20,
+    },
+}
+SERVERS = ("mmfusion", "inprocess", "naive_torch", "litserve")
+PARTS = ("model", "server", "index")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from app.core.config import container_cpus
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", dest="mode", action="store_const", const="quick", help="quick mode (default)")
+    mode.add_argument("--full", dest="mode", action="store_const", const="full", help="full mode")
+    p.set_defaults(mode="quick")
+    p.add_argument("--bundle", type=Path, default=Path("models/default"), help="model bundle (default models/default)")
+    p.add_argument("--run", type=Path, default=Path(os.environ["MMFUSION_BENCH_RUN"])
+                   if os.environ.get("MMFUSION_BENCH_RUN") else None,
+                   help="training run of the bundle (folder with best.pt) for the eager baseline; default "
+                   "$MMFUSION_BENCH_RUN; without it the eager model is rebuilt from the bundle manifest with "
+                   "pretrained encoders and a random fusion head (same speed, different outputs)")
+    p.add_argument("--threads", type=int, default=container_cpus(),
+                   help="ONNX Runtime intra-op threads = torch threads = matmul-peak threads (default: usable CPUs)")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {PARTS}")
+    p.add_argument("--servers", default=",".join(SERVERS), help=f"comma list of {SERVERS}")
+    p.add_argument("--concurrency", default=None, help="override the client counts, e.g. 1,16")
+    p.add_argument("--duration", type=float, default=None, help="override the measurement window per level (s)")
+    p.add_argument("--warmup", type=float, default=None, help="override the warm-up per level (s)")
+    p.add_argument("--batches", default=None, help="override the model-level batch sizes, e.g. 1,8")
+    p.add_argument("--eager-batches", default=None, help="override the batch sizes eager PyTorch is timed at")
+    p.add_argument("--model-seconds", type=float, default=None, help="override the max seconds per model-level cell")
+    p.add_argument("--index-n", type=int, default=None, help="override the number of indexed vectors")
+    p.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra environment for the mmfusion server, e.g. MMFUSION_MAX_BATCH_SIZE=8 (repeatable)")
+    p.add_argument("--litserve-max-batch-size", type=int, default=8)
+    p.add_argument("--litserve-batch-timeout", type=float, default=0.005, help="seconds")
+    p.add_argument("--serve-venv", type=Path, default=Path(".venv-serve"), help="serving venv whose size is reported")
+    p.add_argument("--peak-n", type=int, default=2048, help="matrix size of the matmul-peak measurement")
+    p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    p.add_argument("--tag", default=None, help="output name bench-<tag>.* (default: the mode)")
+    return p.parse_args(argv)
+
+
+def _ints(text: str | None, default: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x.strip()) if text else default
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def bundle_info(bundle: Path) -> dict[str, Any]:
+    from app.bundle.verify import load_bundle_manifest
+
+    m = load_bundle_manifest(bundle)
+    q = m.quality.get("int8") if m.quality else None  # type: ignore[call-overload]
+    return {"path": str(bundle), "name": m.name, "version": m.version, "embedding_dim": m.embedding_dim,
+            "precisions": m.precisions(), "model": m.model.model_dump() if m.model else None,
+            "int8_quality": q.model_dump() if q is not None else None}
+
+
+def run_model(args: argparse.Namespace, cfg: dict[str, Any], peak: float) -> dict[str, Any]:
+    from benchmarks.model_level import TimingBudget, run_model_level
+
+    eager = None
+    try:
+        from benchmarks.eager import load_eager
+
+        eager = load_eager(args.bundle, args.run)
+    except ImportError as exc:  # serving-only install: no torch, so no eager rows
+        log(f"  no PyTorch eager baseline ({exc}); install the train extra")
+    budget = dict(cfg["model_budget"])
+    if args.model_seconds is not None:
+        budget["max_seconds"] = args.model_seconds
+        budget["min_seconds"] = min(budget["min_seconds"], args.model_seconds)
+    out = run_model_level(args.bundle, eager, threads=args.threads, batches=_ints(args.batches, cfg["batches"]),
+                          eager_batches=_ints(args.eager_batches, cfg["eager_batches"]), peak_gflops=peak,
+                          budget=TimingBudget(**budget), log=log)
+    del eager
+    gc.collect()
+    return out
+
+
+async def run_servers(args: argparse.Namespace, cfg: dict[str, Any], servers: list[str]) -> dict[str, Any]:
+    """All servers up at once (idle ones cost memory, not CPU), measured in turn at each client count.
+
+    Interleaving by level (mmfusion, in-process, naive, LitServe at 1 client, then all at 4, ...)
+    rather than server by server keeps the ratios at one client count from being skewed by the
+    load of other jobs drifting over the minutes a run takes on a shared machine. Only one server
+    is ever under load at a time.
+    """
+    from app.core.config import Settings
+    from app.inference.pipeline import ModelPipeline
+    from app.preprocessing.image import decode_image
+    from benchmarks import server_level as sl
+
+    plan = sl.LoadPlan(_ints(args.concurrency, cfg["concurrency"]),
+                       args.warmup if args.warmup is not None else cfg["warmup_s"],
+                       args.duration if args.duration is not None else cfg["duration_s"])
+    side = tuple(c for c in _ints(args.concurrency, cfg["side_concurrency"]) if c in plan.concurrency) or (
+        plan.concurrency[0],)
+    images = {"640x480": photo_like_jpeg(640, 480, seed=1)}
+    if cfg["large_image"]:
+        images["4000x3000"] = photo_like_jpeg(4000, 3000, seed=2)
+    text = QUESTIONS[0]
+    workloads: dict[str, dict[str, list[dict[str, Any]]]] = {f"classify_{k}": {} for k in images}
+    startup: dict[str, float] = {}
+    notes: list[str] = []
+    workdir = sl.tempdir()
+
+    def multipart(path: str, jpeg: bytes, with_text: bool = True) -> sl.Body:
+        return sl.multipart_body(path, {"image": ("photo.jpg", jpeg, "image/jpeg")},
+                                 {"text": text} if with_text else {})
+
+    # (server, classify body per image) for the HTTP servers.
+    procs: dict[str, sl.ServerProcess] = {}
+    bodies: dict[str, dict[str, sl.Body]] = {}
+    env_pairs = dict(kv.split("=", 1) for kv in args.server_env)
+    if "mmfusion" in servers:
+        procs["mmfusion"] = sl.mmfusion_server(args.bundle, workdir, env_pairs)
+        bodies["mmfusion"] = {k: multipart("/v1/classify", v) for k, v in images.items()}
+    if "naive_torch" in servers:
+        procs["naive_torch"] = sl.naive_server(args.bundle, args.run, workdir)
+        bodies["naive_torch"] = {k: multipart("/classify", v) for k, v in images.items()}
+    if "litserve" in servers:
+        if sl.litserve_available():
+            procs["litserve"] = sl.litserve_server(args.bundle, workdir, args.litserve_max_batch_size,
+                                                   args.litserve_batch_timeout)
+            bodies["litserve"] = {k: sl.json_body("/v1/classify", {"image": base64.b64encode(v).decode(),
+                                                                  "text": text}) for k, v in images.items()}
+        else:
+            notes.append("litserve not installed: install the bench extra (pip install -c constraints.txt '.[bench]')")
+    idle_rss: dict[str, int] = {}
+    try:
+        for name, proc in list(procs.items()):
+            log(f"  {name}: starting")
+            try:  # start-up is timed one server at a time, with the others idle
+                startup[name] = round(proc.start(), 3)
+                idle_rss[name] = proc.sample_rss()
+            except Exception as exc:  # one failing baseline must not lose the others' figures
+                notes.append(f"{name} failed to start: {type(exc).__name__}: {exc}"[:1500])
+                log(f"  {name} FAILED to start: {exc}")
+                proc.stop()
+                del procs[name]
+        pipe = None
+        if "inprocess" in servers:
+            log("  inprocess: loading the pipeline")
+            settings = Settings(bundle=args.bundle, index_path=workdir / "inprocess-index")
+            pipe = ModelPipeline(args.bundle, settings)
+            pipe.warmup()
+
+        for key, jpeg in images.items():
+            workload = f"classify_{key}"
+            for c in plan.concurrency:
+                log(f"  {workload} at {c} clients: " + ", ".join(
+                    [*(n for n in procs if n == "mmfusion"), *(["inprocess"] if pipe else []),
+                     *(n for n in procs if n != "mmfusion")]))
+                for name in ("mmfusion", "inprocess", "naive_torch", "litserve"):
+                    if name == "inprocess" and pipe is not None:
+
+                        def work(jpeg: bytes = jpeg, pipe: ModelPipeline = pipe) -> object:
+                            pixels = decode_image(jpeg, pipe.manifest.image, max_pixels=settings.max_image_pixels)
+                            return pipe.classify(pixels[None], [text])
+
+                        level = (await sl.inprocess_levels(work, plan, (c,)))[0]
+                    elif name in procs:
+                        try:
+                            level = (await sl.http_levels(procs[name], bodies[name][key], plan, (c,)))[0]
+                        except Exception as exc:
+                            notes.append(f"{name} failed at {c} clients: {type(exc).__name__}: {exc}"[:1500])
+                            continue
+                    else:
+                        continue
+                    workloads[workload].setdefault(name, []).append(level)
+        if pipe is not None:
+            del pipe
+            gc.collect()
+        if "mmfusion" in procs:
+            for workload, body in (
+                ("search_text", sl.json_body("/v1/search", {"text": SEARCH_QUERY, "k": 10})),
+                ("embed_image_640x480", multipart("/v1/embed", images["640x480"], with_text=False)),
+            ):
+                log(f"  mmfusion: {workload} at {side} clients")
+                workloads[workload] = {"mmfusion": await sl.http_levels(procs["mmfusion"], body, plan, side)}
+    finally:
+        for proc in procs.values():
+            proc.stop()
+    rss = {name: {"idle": round(idle_rss[name] / 2**20, 1), "peak": round(max(p.rss_samples) / 2**20, 1)}
+           for name, p in procs.items() if name in idle_rss}
+    server = {
+        "plan": {"concurrency": list(plan.concurrency), "side_concurrency": list(side), "warmup_s": plan.warmup_s,
+                 "duration_s": plan.duration_s, "order": "interleaved by client count, one server loaded at a time"},
+        "images": {k: len(v) for k, v in images.items()},
+        "mmfusion_env": env_pairs,
+        "mmfusion_settings": effective_settings(env_pairs),
+        "litserve": {"max_batch_size": args.litserve_max_batch_size, "batch_timeout_s": args.litserve_batch_timeout,
+                     "body": "JSON with base64 image (LitServe cannot pickle a multipart upload into its queue)"},
+        "workloads": workloads,
+        "startup_s": startup,
+        "rss_mb": rss,
+        "notes": notes,
+    }
+    from benchmarks.report import server_ratios
+
+    server["ratios"] = server_ratios(server)
+    return server
+
+
+def effective_settings(env_pairs: dict[str, str]) -> dict[str, Any]:
+    """The performance settings the mmfusion server ran with (its defaults plus --server-env)."""
+    from app.core.config import Settings
+
+    fields = ("precision", "intra_op_threads", "decode_threads", "max_batch_size", "max_queue_delay_ms",
+              "max_queue_size", "text_cache_size", "log_level")
+    kwargs = {k.removeprefix("MMFUSION_").lower(): v for k, v in env_pairs.items() if k.startswith("MMFUSION_")}
+    settings = Settings(**kwargs)
+    out = {f: getattr(settings, f, None) for f in fields}
+    out["resolved_intra_op_threads"] = settings.resolved_intra_op_threads()
+    return out
+
+
+def run_index(args: argparse.Namespace, cfg: dict[str, Any], dim: int) -> dict[str, Any]:
+    """Exact search over N vectors of the bundle's dimension, via benchmarks/index_search.py."""
+    import tempfile
+
+    from benchmarks import index_search
+
+    n = args.index_n or cfg["index_n"]
+    out = Path(tempfile.mkdtemp(prefix="mmfusion-bench-index-")) / "index.json"
+    r = index_search.main(["--n", str(n), "--dim", str(dim), "--queries", str(cfg["index_queries"]),
+                           "--batches", str(cfg["index_batches"]), "--kernel-runs", "0", "--check", "2",
+                           "--out", str(out)])
+    note = "" if n >= 1_000_000 else f"{n:,} vectors, not 1,000,000 (reduced for this mode)"
+    return {"n": n, "dim": dim, "k": r["params"]["k"], "add_s": r["add"]["seconds"],
+            "batch_1": r["search_batch_1"], "batch_32": r["search_batch_32"], "exactness": r["exactness"],
+            "note": note}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from benchmarks.report import acceptance, markdown, plot
+
+    args = parse_args(argv)
+    cfg = MODES[args.mode]
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    servers = [s.strip() for s in args.servers.split(",") if s.strip()]
+    unknown = sorted(set(parts) - set(PARTS)) + sorted(set(servers) - set(SERVERS))
+    if unknown:
+        raise SystemExit(f"unknown parts/servers {unknown}")
+    t_start = time.perf_counter()
+    tag = args.tag or args.mode
+    result: dict[str, Any] = {
+        "benchmark": "mmfusion",
+        "mode": args.mode,
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "params": {"threads": args.threads, "run": str(args.run) if args.run else None, "parts": parts,
+                   "servers": servers, "argv": sys.argv[1:] if argv is None else argv},
+        "bundle": bundle_info(args.bundle),
+        "notes": [],
+    }
+    if args.mode == "quick":
+        result["notes"].append(
+            "quick mode: 1/4/16 clients (no 64), 640x480 JPEG only (no 4000x3000), search/embed at 1 and 16 "
+            "clients, eager PyTorch timed at batch 1 and 8 only (batch 32 takes seconds per call), "
+            f"{MODES['quick']['index_n']:,} indexed vectors instead of 1,000,000; `--full` does all of it")
+    log(f"mmfusion benchmark, {args.mode} mode, {args.threads} threads, load average "
+        f"{result['machine']['load_avg_1min_at_start']}")
+    log("matmul peak ...")
+    result["matmul_peak"] = matmul_peak(args.threads, n=args.peak_n)
+    if "model" in parts:
+        log("model level ...")
+        result["model_level"] = run_model(args, cfg, result["matmul_peak"]["peak_gflops"])
+    if "server" in parts and servers:
+        log("server level ...")
+        result["server_level"] = asyncio.run(run_servers(args, cfg, servers))
+        result["notes"] += result["server_level"]["notes"]
+    if "server" in parts:
+        from benchmarks.server_level import serving_venv_size
+
+        result["serving_venv"] = serving_venv_size(args.serve_venv)
+    if "index" in parts:
+        log("vector search ...")
+        result["index_search"] = run_index(args, cfg, result["bundle"]["embedding_dim"])
+    # The peak is the machine's ceiling: measured again at the end and the higher one kept, so a
+    # load spike during the first measurement cannot push the models past "100 % of peak".
+    again = matmul_peak(args.threads, n=args.peak_n)
+    peak = result["matmul_peak"]
+    peak["runs"] = [dict(peak), again]
+    peak["peak_gflops"] = max(peak["peak_gflops"], again["peak_gflops"])
+    peak["numpy_gflops"] = max(peak["numpy_gflops"], again["numpy_gflops"])
+    peak["onnxruntime_gflops"] = max(peak["onnxruntime_gflops"], again["onnxruntime_gflops"])
+    for row in result.get("model_level", {}).get("rows", []):
+        if row["gflops"] is not None:
+            row["pct_of_peak"] = float(f"{100 * row['gflops'] / peak['peak_gflops']:.4g}")
+    if "model_level" in result:
+        variants = result["model_level"]["int8_variants"]
+        same = [r for r in result["model_level"]["ratios"]
+                if r["int8_vs_fp32"] is not None and "the fp32 file" in variants.get(r["target"], "")]
+        if same:
+            spread = [r["int8_vs_fp32"] for r in same]
+            result["notes"].append(
+                "noise gauge: graphs whose int8 variant is the fp32 file itself measured INT8/fp32 median ratios "
+                f"of {min(spread)}-{max(spread)}x (ideally 1.0) in this run")
+    result["load_avg_1min_at_end"] = round(os.getloadavg()[0], 2)
+    result["elapsed_s"] = round(time.perf_counter() - t_start, 1)
+    if result["machine"]["load_avg_1min_at_start"] > 0.5 * result["machine"]["cpus_usable"]:
+        result["notes"].append(
+            f"the machine was busy (1-min load {result['machine']['load_avg_1min_at_start']} on "
+            f"{result['machine']['cpus_usable']} CPUs): multi-threaded eager PyTorch (OpenMP spin barriers) "
+            "slows down far more than ONNX Runtime when a core is taken, so eager ratios can be inflated")
+    overload = args.out_dir / "overload.json"
+    if overload.is_file():  # benchmarks/overload.py's own result (another script, another run)
+        try:
+            passed = json.loads(overload.read_text()).get("passed")
+        except (OSError, ValueError):
+            passed = None
+        result["overload_separate_run"] = {
+            "file": str(overload), "passed": passed,
+            "when": datetime.fromtimestamp(overload.stat().st_mtime, UTC).isoformat(timespec="seconds")}
+    result["acceptance"] = acceptance(result)
+
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    md = markdown(result)
+    png = plot(result, args.out_dir / f"bench-{tag}.png")
+    result["plot"] = str(png) if png else None
+    tmp = args.out_dir / f"bench-{tag}.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, args.out_dir / f"bench-{tag}.json")
+    (args.out_dir / f"bench-{tag}.md").write_text(md)
+    print("\n" + md)
+    log(f"wrote {args.out_dir / f'bench-{tag}.json'}, .md{', .png' if png else ''} in {result['elapsed_s']} s")
+    return result
+
+
+if __name__ == "__main__":
+    main()

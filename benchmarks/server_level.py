@@ -1,0 +1,271 @@
+"""Server level: closed-loop load over real HTTP, the in-process ceiling, start-up time and memory.
+
+Closed loop: N clients, each sends a request, waits for the answer, sends the next. Throughput
+counts the answers that arrive inside the measurement window (after a warm-up); latencies are
+those answers' wall-clock times; requests still in flight when the window closes are awaited
+(so the next level starts on an idle server) but not counted. Bodies are encoded once up front
+(multipart with a real JPEG) so the client spends its CPU on HTTP only: on a 2-core machine the
+load generator shares the CPUs with the server, which is the same for every server compared.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+from benchmarks.common import REPO_ROOT, percentiles_ms
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    concurrency: tuple[int, ...]
+    warmup_s: float
+    duration_s: float
+    request_timeout_s: float = 120.0
+
+
+@dataclass(frozen=True)
+class Body:
+    """A prebuilt request: POST ``path`` with these bytes and headers."""
+
+    path: str
+    content: bytes
+    headers: dict[str, str]
+
+
+def multipart_body(path: str, files: Mapping[str, tuple[str, bytes, str]], data: Mapping[str, str]) -> Body:
+    request = httpx.Request("POST", "http://x" + path, files=dict(files), data=dict(data))
+    content = request.read()
+    return Body(path, content, {"content-type": request.headers["content-type"]})
+
+
+def json_body(path: str, payload: Mapping[str, Any]) -> Body:
+    request = httpx.Request("POST", "http://x" + path, json=dict(payload))
+    return Body(path, request.read(), {"content-type": "application/json"})
+
+
+async def closed_loop(send: Callable[[], Awaitable[int]], concurrency: int, warmup_s: float,
+                      duration_s: float, min_completed: int = 8, max_stretch: float = 4.0) -> dict[str, Any]:
+    """Run ``concurrency`` clients calling ``send`` (returns an HTTP status) back to back.
+
+    The window is ``duration_s`` after ``warmup_s``, stretched (up to ``max_stretch`` times) until
+    ``min_completed`` answers arrived in it: a server answering once every few seconds (eager
+    PyTorch on a busy core) would otherwise report 0 req/s from a handful of unlucky seconds.
+    """
+    start = time.perf_counter()
+    t_measure = start + warmup_s
+    t_end, t_hard = t_measure + duration_s, t_measure + duration_s * max_stretch
+    records: list[tuple[float, float, int | str]] = []
+    state = {"in_window": 0, "reached_at": 0.0}
+
+    def deadline() -> float:
+        return t_end if state["in_window"] >= min_completed else t_hard
+
+    async def client() -> None:
+        while time.perf_counter() < deadline():
+            t0 = time.perf_counter()
+            try:
+                status: int | str = await send()
+            except Exception as exc:  # a refused/reset/timed-out request is a result, not a crash
+                status = type(exc).__name__
+            t1 = time.perf_counter()
+            records.append((t0, t1, status))
+            if t1 >= t_measure and t1 < t_hard:
+                state["in_window"] += 1
+                if state["in_window"] == min_completed:
+                    state["reached_at"] = t1
+
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    reached = state["reached_at"]
+    window_end = t_end if (reached and reached <= t_end) else (reached or t_hard)
+    window_s = window_end - t_measure
+    window = [(t0, t1, s) for t0, t1, s in records if t_measure <= t1 <= window_end]
+    ok = [t1 - t0 for t0, t1, s in window if s == 200]
+    errors: dict[str, int] = {}
+    for _, _, s in window:
+        if s != 200:
+            errors[str(s)] = errors.get(str(s), 0) + 1
+    return {
+        "concurrency": concurrency,
+        "completed": len(ok),
+        "throughput_rps": round(len(ok) / window_s, 2),
+        **percentiles_ms(ok),
+        "errors": sum(errors.values()),
+        "errors_by_status": errors,
+        "window_s": round(window_s, 2),
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class ServerProcess:
+    """A server started as a subprocess: time to ready, resident memory of its process tree."""
+
+    name: str
+    cmd: list[str]
+    env: dict[str, str]
+    port: int
+    ready_path: str
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    startup_s: float | None = None
+    rss_samples: list[int] = field(default_factory=list)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 180.0) -> float:
+        t0 = time.perf_counter()
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(self.cmd, env={**os.environ, **self.env}, cwd=REPO_ROOT,
+                                         stdout=log, stderr=subprocess.STDOUT)
+        deadline = t0 + timeout_s
+        with httpx.Client(timeout=2.0) as client:
+            while time.perf_counter() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"{self.name} exited with {self.proc.returncode}: {self.log_tail()}")
+                try:
+                    if client.get(self.base_url + self.ready_path).status_code == 200:
+                        self.startup_s = time.perf_counter() - t0
+                        self.sample_rss()
+                        return self.startup_s
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"{self.name} not ready after {timeout_s} s: {self.log_tail()}")
+
+    def sample_rss(self) -> int:
+        """Resident memory of the server and all its children (LitServe runs worker processes)."""
+        if self.proc is None:
+            return 0
+        try:
+            root = psutil.Process(self.proc.pid)
+            total = root.memory_info().rss + sum(
+                c.memory_info().rss for c in root.children(recursive=True) if c.is_running()
+            )
+        except psutil.Error:
+            return 0
+        self.rss_samples.append(total)
+        return total
+
+    def log_tail(self, chars: int = 2000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            children = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.Error:
+            children = []
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        for child in children:  # LitServe's workers, if the parent left them behind
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+
+
+async def http_levels(server: ServerProcess, body: Body, plan: LoadPlan,
+                      concurrency: Sequence[int] | None = None) -> list[dict[str, Any]]:
+    levels = []
+    most = max(plan.concurrency) + 8
+    limits = httpx.Limits(max_connections=most, max_keepalive_connections=most)
+    async with httpx.AsyncClient(base_url=server.base_url, timeout=plan.request_timeout_s, limits=limits) as client:
+
+        async def send() -> int:
+            r = await client.post(body.path, content=body.content, headers=body.headers)
+            await r.aread()
+            return r.status_code
+
+        for c in concurrency or plan.concurrency:
+            level = await closed_loop(send, c, plan.warmup_s, plan.duration_s)
+            level["rss_mb"] = round(server.sample_rss() / 2**20, 1)
+            levels.append(level)
+    return levels
+
+
+async def inprocess_levels(work: Callable[[], object], plan: LoadPlan,
+                           concurrency: Sequence[int] | None = None) -> list[dict[str, Any]]:
+    """The ceiling: the same work called from a thread pool with the same concurrency, no HTTP."""
+    levels = []
+    loop = asyncio.get_running_loop()
+    for c in concurrency or plan.concurrency:
+        with ThreadPoolExecutor(max_workers=c, thread_name_prefix="ceiling") as pool:
+
+            async def send(pool: ThreadPoolExecutor = pool) -> int:
+                await loop.run_in_executor(pool, work)
+                return 200
+
+            levels.append(await closed_loop(send, c, plan.warmup_s, plan.duration_s))
+    return levels
+
+
+def mmfusion_server(bundle: Path, workdir: Path, extra_env: Mapping[str, str]) -> ServerProcess:
+    port = free_port()
+    env = {"MMFUSION_BUNDLE": str(bundle), "MMFUSION_INDEX_PATH": str(workdir / "index"), **extra_env}
+    cmd = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port),
+           "--log-level", "warning"]
+    return ServerProcess("mmfusion", cmd, env, port, "/readyz", workdir / "mmfusion.log")
+
+
+def naive_server(bundle: Path, run: Path | None, workdir: Path) -> ServerProcess:
+    port = free_port()
+    env = {"NAIVE_BUNDLE": str(bundle), "NAIVE_RUN": str(run) if run else ""}
+    cmd = [sys.executable, "-m", "benchmarks.baselines.naive_torch_server", "--port", str(port)]
+    return ServerProcess("naive_torch", cmd, env, port, "/health", workdir / "naive.log")
+
+
+def litserve_server(bundle: Path, workdir: Path, max_batch_size: int, batch_timeout_s: float) -> ServerProcess:
+    port = free_port()
+    cmd = [sys.executable, "-m", "benchmarks.baselines.litserve_server", "--bundle", str(bundle), "--port", str(port),
+           "--max-batch-size", str(max_batch_size), "--batch-timeout", str(batch_timeout_s)]
+    return ServerProcess("litserve", cmd, {}, port, "/health", workdir / "litserve.log")
+
+
+def litserve_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("litserve") is not None
+
+
+def serving_venv_size(venv: Path) -> dict[str, Any]:
+    """Installed size of the serving environment and whether torch is in it (it must not be)."""
+    from benchmarks.common import dir_size_bytes
+
+    if not (venv / "bin" / "python").exists():
+        return {"path": str(venv), "exists": False, "note": "not built: run `make serving-check` to create it"}
+    torch_dirs = list(venv.glob("lib/python*/site-packages/torch"))
+    return {"path": str(venv), "exists": True, "size_mb": round(dir_size_bytes(venv) / 2**20, 1),
+            "contains_torch": bool(torch_dirs)}
+
+
+def tempdir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="mmfusion-bench-"))

@@ -1,0 +1,553 @@
+"""Dynamic batching: Triton's batch rule, the bounded queue (503 + Retry-After), cancellation,
+draining on shutdown, and that merging requests with different text lengths changes no result."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client import REGISTRY
+
+from app.core.config import Settings
+from app.core.errors import NotReadyError, OverloadedError
+from app.inference.batched import BatchedPipeline
+from app.inference.batcher import BatchingConfig, GraphBatcher
+from app.inference.pipeline import ModelPipeline
+from app.inference.runtime import SHRINK_AFTER_ROWS
+from app.main import create_app
+from tests.helpers.images import demo_png
+
+SHORT = "red"
+MEDIUM = "what color is the circle?"
+LONG = "is there a large purple triangle next to a small green square on the left of the picture or not"
+
+
+def sample(name: str, labels: dict[str, str]) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+class Recorder:
+    """A fake graph: records the payloads of every batch; the first batch can be held open."""
+
+    def __init__(self, hold_first: bool = False, fail_on: object = None):
+        self.batches: list[list[object]] = []
+        self.started = threading.Event()
+        self.release = threading.Event()
+        if not hold_first:
+            self.release.set()
+        self.fail_on = fail_on
+
+    def __call__(self, payloads: Sequence[object]) -> list[object]:
+        self.batches.append(list(payloads))
+        self.started.set()
+        assert self.release.wait(10), "test never released the held batch"
+        if self.fail_on in payloads:
+            raise RuntimeError("graph failed")
+        return [f"done:{p}" for p in payloads]
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
+        await asyncio.sleep(0.002)
+
+
+def make(recorder: Recorder, name: str = "unit", **config: float) -> GraphBatcher:
+    return GraphBatcher(name, recorder, BatchingConfig(**config))  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------------------------------
+# The batch rule
+# --------------------------------------------------------------------------------------------------
+
+
+def test_requests_queued_while_the_graph_is_busy_go_in_batches_of_at_most_max_batch_size() -> None:
+    rec = Recorder(hold_first=True)
+    batcher = make(rec, max_batch_size=2, max_queue_delay_s=0.0, max_queue_size=16)
+
+    async def main() -> list[object]:
+        first = asyncio.ensure_future(batcher.submit("a"))
+        await asyncio.to_thread(rec.started.wait, 5)
+        rest = [asyncio.ensure_future(batcher.submit(x)) for x in "bcde"]
+        await wait_until(lambda: batcher.depth == 4)
+        rec.release.set()
+        return await asyncio.gather(first, *rest)
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        batcher.close()
+    assert results == ["done:a", "done:b", "done:c", "done:d", "done:e"]
+    assert rec.batches == [["a"], ["b", "c"], ["d", "e"]]
+
+
+def test_a_request_with_many_rows_is_never_split_and_larger_than_max_runs_alone() -> None:
+    rec = Recorder(hold_first=True)
+    batcher = make(rec, max_batch_size=4, max_queue_delay_s=0.0, max_queue_size=16)
+
+    async def main() -> None:
+        first = asyncio.ensure_future(batcher.submit("hold"))
+        await asyncio.to_thread(rec.started.wait, 5)
+        others = [asyncio.ensure_future(batcher.submit(p, rows=n)) for p, n in (("x3", 3), ("y2", 2), ("z9", 9))]
+        await wait_until(lambda: batcher.depth == 3)
+        rec.release.set()
+        await asyncio.gather(first, *others)
+
+    try:
+        asyncio.run(main())
+    finally:
+        batcher.close()
+    assert rec.batches == [["hold"], ["x3"], ["y2"], ["z9"]]
+
+
+def test_with_a_queue_delay_the_oldest_request_waits_for_company_until_its_deadline() -> None:
+    rec = Recorder()
+    batcher = make(rec, max_batch_size=8, max_queue_delay_s=0.3, max_queue_size=16)
+
+    async def main() -> None:
+        a = asyncio.ensure_future(batcher.submit("a"))
+        await asyncio.sleep(0.05)  # well inside a's 300 ms window
+        b = asyncio.ensure_future(batcher.submit("b"))
+        await asyncio.gather(a, b)
+
+    try:
+        asyncio.run(main())
+    finally:
+        batcher.close()
+    assert rec.batches == [["a", "b"]]
+
+
+def test_a_full_batch_goes_at_once_without_waiting_for_the_delay() -> None:
+    rec = Recorder()
+    batcher = make(rec, max_batch_size=3, max_queue_delay_s=30.0, max_queue_size=16)
+
+    async def main() -> list[object]:
+        return await asyncio.wait_for(asyncio.gather(*(batcher.submit(x) for x in "abc")), 5)
+
+    try:
+        assert asyncio.run(main()) == ["done:a", "done:b", "done:c"]
+    finally:
+        batcher.close()
+    assert rec.batches == [["a", "b", "c"]]
+
+
+# --------------------------------------------------------------------------------------------------
+# Bounded queue, cancellation, failures, shutdown
+# --------------------------------------------------------------------------------------------------
+
+
+def test_a_full_queue_refuses_at_once_with_overloaded_and_retry_after() -> None:
+    rec = Recorder(hold_first=True)
+    batcher = make(rec, "overload_unit", max_batch_size=1, max_queue_delay_s=0.0, max_queue_size=2)
+    rejected = sample("mmfusion_rejected_total", {"graph": "overload_unit"})
+
+    async def main() -> None:
+        running = asyncio.ensure_future(batcher.submit("running"))
+        await asyncio.to_thread(rec.started.wait, 5)
+        queued = [asyncio.ensure_future(batcher.submit(x)) for x in ("q1", "q2")]
+        await wait_until(lambda: batcher.depth == 2)
+        with pytest.raises(OverloadedError) as info:
+            await batcher.submit("refused")
+        assert info.value.status_code == 503 and info.value.code == "overloaded"
+        assert int(info.value.headers["Retry-After"]) >= 1
+        rec.release.set()
+        assert await asyncio.gather(running, *queued) == ["done:running", "done:q1", "done:q2"]
+
+    try:
+        asyncio.run(main())
+    finally:
+        batcher.close()
+    assert sample("mmfusion_rejected_total", {"graph": "overload_unit"}) == rejected + 1
+    assert "refused" not in [p for b in rec.batches for p in b]
+
+
+def test_a_request_cancelled_while_queued_is_dropped_unrun_and_frees_its_slot() -> None:
+    rec = Recorder(hold_first=True)
+    batcher = make(rec, "cancel_unit", max_batch_size=4, max_queue_delay_s=0.0, max_queue_size=1)
+    cancelled = sample("mmfusion_cancelled_total", {"graph": "cancel_unit"})
+
+    async def main() -> None:
+        running = asyncio.ensure_future(batcher.submit("running"))
+        await asyncio.to_thread(rec.started.wait, 5)
+        doomed = asyncio.ensure_future(batcher.submit("doomed"))
+        await wait_until(lambda: batcher.depth == 1)
+        with pytest.raises(OverloadedError):  # the queue (size 1) is full
+            await batcher.submit("refused")
+        doomed.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await doomed
+        assert batcher.depth == 0
+        later = asyncio.ensure_future(batcher.submit("later"))  # the freed slot takes a new request
+        await wait_until(lambda: batcher.depth == 1)
+        rec.release.set()
+        assert await asyncio.gather(running, later) == ["done:running", "done:later"]
+
+    try:
+        asyncio.run(main())
+    finally:
+        batcher.close()
+    assert rec.batches == [["running"], ["later"]]
+    assert sample("mmfusion_cancelled_total", {"graph": "cancel_unit"}) == cancelled + 1
+    assert sample("mmfusion_queue_depth", {"stage": "cancel_unit"}) == 0
+
+
+def test_a_request_timing_out_in_the_queue_is_not_run() -> None:
+    rec = Recorder(hold_first=True)
+    batcher = make(rec, max_batch_size=4, max_queue_delay_s=0.0, max_queue_size=4)
+
+    async def main() -> None:
+        running = asyncio.ensure_future(batcher.submit("running"))
+        await asyncio.to_thread(rec.started.wait, 5)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(batcher.submit("slow"), 0.05)
+        rec.release.set()
+        await running
+
+    try:
+        asyncio.run(main())
+    finally:
+        batcher.close()
+    assert rec.batches == [["running"]]
+
+
+def test_a_failing_batch_fails_its_requests_and_the_next_batch_still_runs() -> None:
+    rec = Recorder(hold_first=True, fail_on="bad")
+    batcher = make(rec, max_batch_size=2, max_queue_delay_s=0.0, max_queue_size=8)
+
+    async def main() -> None:
+        first = asyncio.ensure_future(batcher.submit("first"))
+        await asyncio.to_thread(rec.started.wait, 5)
+        pair = [asyncio.ensure_future(batcher.submit(x)) for x in ("ok", "bad")]
+        after = asyncio.ensure_future(batcher.submit("after"))
+        await wait_until(lambda: batcher.depth == 3)
+        rec.release.set()
+        assert await first == "done:first"
+        for task in pair:
+            with pytest.raises(RuntimeError, match="graph failed"):
+                await task
+        assert await after == "done:after"
+
+    try:
+        asyncio.run(main())
+    finally:
+        batcher.close()
+
+
+def test_close_runs_everything_already_queued_then_refuses_new_requests() -> None:
+    rec = Recorder(hold_first=True)
+    batcher = make(rec, max_batch_size=1, max_queue_delay_s=10.0, max_queue_size=8)
+
+    async def main() -> None:
+        tasks = [asyncio.ensure_future(batcher.submit(x)) for x in "abc"]
+        await asyncio.to_thread(rec.started.wait, 5)
+        closing = asyncio.ensure_future(asyncio.to_thread(batcher.close))
+        await asyncio.sleep(0.05)
+        with pytest.raises(NotReadyError):
+            await batcher.submit("late")
+        rec.release.set()
+        assert await asyncio.gather(*tasks) == ["done:a", "done:b", "done:c"]
+        await closing
+
+    asyncio.run(main())
+    assert rec.batches == [["a"], ["b"], ["c"]]
+
+
+# --------------------------------------------------------------------------------------------------
+# Merging real requests changes no result (tiny bundle)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_pipeline(tiny_config, tmp_path_factory: pytest.TempPathFactory) -> ModelPipeline:
+    """A tiny bundle whose fusion head really reads the token vectors and the mask (cross-attention).
+
+    The shared tiny bundle's ``concat`` head uses pooled features only (its graph prunes
+    ``text_tokens``/``attention_mask``), so wrong padding would go unnoticed there.
+    """
+    import dataclasses
+
+    from model.export import export_bundle
+    from model.train import train
+
+    config = dataclasses.replace(tiny_config, fusion="cross_attention", epochs=1,
+                                 run_dir=str(tmp_path_factory.mktemp("xattn-run")))
+    bundle = tmp_path_factory.mktemp("xattn-bundle") / "tiny"
+    export_bundle(train(config, progress=False), bundle, progress=False)
+    pipeline = ModelPipeline(bundle, Settings(bundle=bundle, intra_op_threads=1, text_cache_size=0))
+    assert {"text_tokens", "attention_mask"} <= set(pipeline.sessions["fusion_head"].input_names)
+    return pipeline
+
+
+def pixels_of(tiny_config, pipeline: ModelPipeline, indices: Sequence[int]) -> np.ndarray:
+    from app.preprocessing.image import decode_image
+
+    return np.stack([decode_image(demo_png(tiny_config.demo_dir, i), pipeline.manifest.image,
+                                  max_pixels=40_000_000) for i in indices])
+
+
+def test_text_rows_are_the_same_alone_or_merged_with_longer_and_shorter_texts(tiny_pipeline) -> None:
+    bp = BatchedPipeline(tiny_pipeline, BatchingConfig())
+    try:
+        alone = bp._run_texts([[MEDIUM]])[0][0]
+        merged = bp._run_texts([[LONG], [MEDIUM, SHORT], [SHORT]])
+    finally:
+        bp.image.close(), bp.text.close(), bp.fusion.close()
+    lengths = [len(tiny_pipeline.tokenizer.token_ids(t)) for t in (SHORT, MEDIUM, LONG)]
+    assert lengths[0] < lengths[1] < lengths[2]  # the test needs really different lengths
+    row = merged[1][0]
+    assert row.length == alone.length == lengths[1]
+    for name, value in alone.outputs.items():
+        assert row.outputs[name].shape == value.shape
+        np.testing.assert_allclose(row.outputs[name], value, atol=1e-5, rtol=0)
+    assert [len(r) for r in merged] == [1, 2, 1]
+
+
+def test_classify_is_the_same_alone_or_merged_with_longer_and_shorter_texts(tiny_pipeline, tiny_config) -> None:
+    pixels = pixels_of(tiny_config, tiny_pipeline, [0, 1, 2, 3])
+    bp = BatchedPipeline(tiny_pipeline, BatchingConfig())
+    try:
+        def classify_rows(groups: list[tuple[np.ndarray, list[str]]]) -> list[np.ndarray]:
+            images = bp._run_images([p for p, _ in groups])
+            texts = bp._run_texts([t for _, t in groups])
+            return bp._run_fusion(list(zip(images, texts, strict=True)))
+
+        alone = classify_rows([(pixels[1:2], [MEDIUM])])[0]
+        merged = classify_rows([(pixels[0:1], [LONG]), (pixels[1:2], [MEDIUM]), (pixels[2:4], [SHORT, LONG])])
+    finally:
+        bp.image.close(), bp.text.close(), bp.fusion.close()
+    assert [m.shape[0] for m in merged] == [1, 1, 2]
+    np.testing.assert_allclose(merged[1], alone, atol=1e-5, rtol=0)
+    reference, _ = tiny_pipeline.classify(pixels[1:2], [MEDIUM])  # the unbatched synchronous path
+    np.testing.assert_allclose(alone, reference, atol=1e-5, rtol=0)
+
+
+def test_concurrent_classify_calls_are_merged_into_one_graph_call_with_unchanged_results(
+    tiny_pipeline, tiny_config
+) -> None:
+    pixels = pixels_of(tiny_config, tiny_pipeline, [4, 5, 6])
+    texts = [SHORT, LONG, MEDIUM]
+    expected = [tiny_pipeline.classify(pixels[i:i + 1], [texts[i]])[0] for i in range(3)]
+    # max_batch_size 3 and a long delay: the three requests can only go as one full batch.
+    bp = BatchedPipeline(tiny_pipeline, BatchingConfig(max_batch_size=3, max_queue_delay_s=30.0))
+    before = {g: sample("mmfusion_batch_size_count", {"graph": g}) for g in ("image_encoder", "fusion_head")}
+    sums = {g: sample("mmfusion_batch_size_sum", {"graph": g}) for g in ("image_encoder", "fusion_head")}
+
+    async def main() -> list[tuple[np.ndarray, list[bool]]]:
+        try:
+            return await asyncio.wait_for(
+                asyncio.gather(*(bp.classify(pixels[i:i + 1], [texts[i]]) for i in range(3))), 20)
+        finally:
+            await bp.aclose()
+
+    results = asyncio.run(main())
+    for (probs, _), want in zip(results, expected, strict=True):
+        np.testing.assert_allclose(probs, want, atol=1e-5, rtol=0)
+    for graph in ("image_encoder", "fusion_head"):  # one call carrying 3 rows
+        assert sample("mmfusion_batch_size_count", {"graph": graph}) == before[graph] + 1
+        assert sample("mmfusion_batch_size_sum", {"graph": graph}) == sums[graph] + 3
+
+
+def test_aclose_lets_a_classify_in_progress_finish_and_then_refuses(tiny_pipeline, tiny_config) -> None:
+    pixels = pixels_of(tiny_config, tiny_pipeline, [7])
+    bp = BatchedPipeline(tiny_pipeline, BatchingConfig(max_batch_size=8, max_queue_delay_s=0.2))
+
+    async def main() -> None:
+        call = asyncio.ensure_future(bp.classify(pixels, [MEDIUM]))
+        await wait_until(lambda: bp.image.depth == 1)  # queued, waiting out its 200 ms delay
+        await bp.aclose()
+        probs, _ = await call
+        assert probs.shape == (1, len(tiny_pipeline.manifest.labels))
+        with pytest.raises(NotReadyError):
+            await bp.classify(pixels, [MEDIUM])
+
+    asyncio.run(main())
+
+
+def test_the_memory_arena_is_shrunk_only_when_a_large_batch_ends_a_burst(tiny_pipeline, monkeypatch) -> None:
+    flags: list[bool] = []
+    real = tiny_pipeline.encode_images
+
+    def recording(pixel_values: np.ndarray, *, shrink_arena: bool = False) -> dict[str, np.ndarray]:
+        flags.append(shrink_arena)
+        return real(pixel_values, shrink_arena=shrink_arena)
+
+    monkeypatch.setattr(tiny_pipeline, "encode_images", recording)
+    size = tiny_pipeline.manifest.image.size
+    big, small = (np.zeros((n, 3, size, size), dtype=np.float32) for n in (SHRINK_AFTER_ROWS + 1, 1))
+    bp = BatchedPipeline(tiny_pipeline, BatchingConfig())
+    try:
+        bp._run_images([small])  # small batches never shrink
+        monkeypatch.setattr(GraphBatcher, "depth", property(lambda self: 5))
+        bp._run_images([big])  # a large batch while requests are still queued: load goes on, keep the arena
+        bp._run_images([small])
+        monkeypatch.setattr(GraphBatcher, "depth", property(lambda self: 0))
+        bp._run_images([small])  # the queue ran dry after a large batch: give the memory back, once
+        bp._run_images([small])
+    finally:
+        bp.image.close(), bp.text.close(), bp.fusion.close()
+    assert flags == [False, False, False, True, False]
+
+
+def test_batch_invariance_probe_flags_dynamic_int8_graphs_and_passes_fp32(tiny_pipeline, tmp_path) -> None:
+    import onnxruntime as ort
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from app.inference.runtime import GraphSession, batch_invariant
+
+    fusion = tiny_pipeline.sessions["fusion_head"]
+    assert batch_invariant(fusion)
+    source = tiny_pipeline.bundle_dir / fusion.spec.variants["fp32"].file
+    quantized = tmp_path / "fusion_head.int8.onnx"
+    quantize_dynamic(str(source), str(quantized), weight_type=QuantType.QInt8)
+    int8 = GraphSession("fusion_head", fusion.spec,
+                        ort.InferenceSession(str(quantized), providers=["CPUExecutionProvider"]), "int8")
+    assert not batch_invariant(int8)
+
+
+def test_a_batch_dependent_fusion_head_runs_each_request_on_its_own(tiny_pipeline, tiny_config, monkeypatch) -> None:
+    pixels = pixels_of(tiny_config, tiny_pipeline, [0, 1, 2])
+    bp = BatchedPipeline(tiny_pipeline, BatchingConfig())
+    calls: list[int] = []
+    real = tiny_pipeline.fuse
+
+    def recording(feeds: dict[str, np.ndarray], **kw: bool) -> np.ndarray:
+        calls.append(len(feeds["text_features"]))
+        return real(feeds, **kw)
+
+    monkeypatch.setattr(tiny_pipeline, "fuse", recording)
+    try:
+        groups = [(pixels[0:1], [LONG]), (pixels[1:3], [SHORT, MEDIUM])]
+        payloads = list(zip(bp._run_images([g[0] for g in groups]), bp._run_texts([g[1] for g in groups]),
+                            strict=True))
+        assert not bp.fusion_per_request  # fp32: merged
+        merged = bp._run_fusion(payloads)
+        bp.fusion_per_request = True
+        separate = bp._run_fusion(payloads)
+    finally:
+        bp.image.close(), bp.text.close(), bp.fusion.close()
+    assert calls == [3, 1, 2]
+    for m, s in zip(merged, separate, strict=True):
+        np.testing.assert_allclose(m, s, atol=1e-5, rtol=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Over HTTP
+# --------------------------------------------------------------------------------------------------
+
+
+def test_http_overload_answers_503_overloaded_with_retry_after_and_recovers(settings, tiny_config, monkeypatch) -> None:
+    settings = settings.model_copy(update={"max_queue_size": 1, "max_batch_size": 1})
+    app = create_app(settings)
+    png = demo_png(tiny_config.demo_dir, 0)
+    with TestClient(app) as client:
+        pipeline = app.state.service.pipeline
+        hold, entered = threading.Event(), threading.Event()
+        real = pipeline.encode_images
+
+        def held(pixel_values: np.ndarray, **kw: bool) -> dict[str, np.ndarray]:
+            entered.set()
+            assert hold.wait(10)
+            return real(pixel_values, **kw)
+
+        monkeypatch.setattr(pipeline, "encode_images", held)
+
+        def post() -> object:
+            return client.post("/v1/embed", files={"image": ("a.png", png, "image/png")})
+
+        with ThreadPoolExecutor(2) as pool:
+            running = pool.submit(post)
+            assert entered.wait(10)
+            queued = pool.submit(post)
+            batcher = pipeline.batched.image
+            for _ in range(500):
+                if batcher.depth == 1:
+                    break
+                threading.Event().wait(0.01)
+            assert batcher.depth == 1
+            refused = post()
+            hold.set()
+            assert running.result(10).status_code == 200
+            assert queued.result(10).status_code == 200
+        assert refused.status_code == 503
+        assert refused.json()["error"]["code"] == "overloaded"
+        assert int(refused.headers["Retry-After"]) >= 1
+        assert post().status_code == 200  # capacity is back
+
+
+# --------------------------------------------------------------------------------------------------
+# Precision choice (MMFUSION_PRECISION=auto), the other half of what a batch runs on
+# --------------------------------------------------------------------------------------------------
+
+
+def manifest_with(tiny_bundle, variants: tuple[str, ...], quality: dict[str, float]):  # type: ignore[no-untyped-def]
+    from app.bundle.manifest import VariantQuality
+    from app.bundle.verify import load_bundle_manifest
+
+    manifest = load_bundle_manifest(tiny_bundle)
+    graphs = {role: spec.model_copy(update={"variants": {v: spec.variants["fp32"] for v in ("fp32", *variants)}})
+              for role, spec in manifest.graphs.items()}
+    return manifest.model_copy(update={
+        "graphs": graphs, "quality": {p: VariantQuality(top1_agreement=q) for p, q in quality.items()}})
+
+
+@pytest.mark.parametrize(("variants", "quality", "providers", "expected"), [
+    (("int8",), {"int8": 0.995}, ["CPUExecutionProvider"], "int8"),
+    (("int8",), {"int8": 0.99}, ["CPUExecutionProvider"], "int8"),
+    (("int8",), {"int8": 0.989}, ["CPUExecutionProvider"], "fp32"),
+    (("int8",), {}, ["CPUExecutionProvider"], "fp32"),  # unmeasured quality is never trusted
+    (("int8", "fp16"), {"int8": 1.0, "fp16": 1.0}, ["CPUExecutionProvider"], "int8"),  # fp16 is GPU-only
+    (("int8", "fp16"), {"int8": 1.0, "fp16": 1.0}, ["CUDAExecutionProvider", "CPUExecutionProvider"], "fp16"),
+    (("int8", "fp16"), {"int8": 1.0, "fp16": 0.9}, ["CUDAExecutionProvider", "CPUExecutionProvider"], "fp32"),
+])
+def test_auto_precision_is_the_fastest_variant_with_recorded_top1_agreement_of_at_least_099(
+    tiny_bundle, variants, quality, providers, expected
+) -> None:
+    from app.inference.runtime import choose_precision
+
+    assert choose_precision(manifest_with(tiny_bundle, variants, quality), "auto", providers) == expected
+
+
+def test_an_explicit_precision_the_bundle_lacks_is_refused(tiny_bundle) -> None:
+    from app.core.errors import BundleError
+    from app.inference.runtime import choose_precision
+
+    manifest = manifest_with(tiny_bundle, ("int8",), {"int8": 0.5})
+    assert choose_precision(manifest, "int8", ["CPUExecutionProvider"]) == "int8"  # explicit wins over quality
+    with pytest.raises(BundleError):
+        choose_precision(manifest, "fp16", ["CPUExecutionProvider"])
+
+
+def test_the_server_splits_the_thread_budget_between_concurrent_graphs_and_offline_use_does_not(tiny_bundle) -> None:
+    settings = Settings(bundle=tiny_bundle, intra_op_threads=4)
+
+    def threads(pipeline: ModelPipeline) -> dict[str, int]:
+        return {role: s.session.get_session_options().intra_op_num_threads for role, s in pipeline.sessions.items()}
+
+    assert threads(ModelPipeline(tiny_bundle, settings, split_threads=True)) == {
+        "image_encoder": 4, "text_encoder": 2, "fusion_head": 1}
+    assert set(threads(ModelPipeline(tiny_bundle, settings)).values()) == {4}
+    options = ModelPipeline(tiny_bundle, settings).sessions["image_encoder"].session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert options.graph_optimization_level == ort_level_all() and not options.optimized_model_filepath
+
+
+def ort_level_all():  # type: ignore[no-untyped-def]
+    import onnxruntime as ort
+
+    return ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+
+
+def test_cuda_gets_heuristic_conv_search_and_copies_on_the_default_stream() -> None:
+    from app.inference.runtime import provider_options
+
+    assert provider_options(["CUDAExecutionProvider", "CPUExecutionProvider"]) == [
+        ("CUDAExecutionProvider", {"cudnn_conv_algo_search": "HEURISTIC", "do_copy_in_default_stream": "1"}),
+        "CPUExecutionProvider",
+    ]
+    assert provider_options(["CPUExecutionProvider"]) == ["CPUExecutionProvider"]

@@ -1,0 +1,104 @@
+"""The benchmark code itself works: model level + in-process ceiling + search on the tiny bundle.
+
+Minimal durations, no server subprocesses (those need seconds each to start): what is pinned is
+that every part runs end to end and reports positive, consistent numbers under the keys the
+report, the README table and the plot read.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from benchmarks.run import main
+
+
+def test_quick_benchmark_reports_model_and_inprocess_figures(tiny_bundle: Path, tiny_run: Path, tmp_path: Path):
+    out = tmp_path / "results"
+    result = main([
+        "--quick", "--bundle", str(tiny_bundle), "--run", str(tiny_run), "--threads", "1",
+        "--parts", "model,server,index", "--servers", "inprocess", "--concurrency", "1,2",
+        "--duration", "0.4", "--warmup", "0.1", "--batches", "1,4", "--eager-batches", "1,4",
+        "--model-seconds", "0.05", "--index-n", "2000", "--peak-n", "256",
+        "--serve-venv", str(tmp_path / "no-venv"), "--out-dir", str(out), "--tag", "smoke",
+    ])
+    saved = json.loads((out / "bench-smoke.json").read_text())
+    assert saved["mode"] == "quick" and saved["acceptance"] == result["acceptance"]
+    assert (out / "bench-smoke.md").read_text().startswith("## mmfusion benchmark (quick mode)")
+    assert (out / "bench-smoke.png").stat().st_size > 1000
+
+    assert saved["matmul_peak"]["peak_gflops"] > 0
+    ml = saved["model_level"]
+    assert ml["eager_same_weights"] is True
+    cells = {(r["target"], r["batch"], r["engine"]) for r in ml["rows"]}
+    for target in ("image_encoder", "text_encoder", "fusion_head", "pipeline"):
+        for batch in (1, 4):
+            assert {(target, batch, "pytorch_eager"), (target, batch, "ort_fp32")} <= cells
+    for r in ml["rows"]:
+        assert r["median_ms"] > 0 and r["items_per_s"] > 0 and r["reps"] >= 1
+        if r["target"] in ("image_encoder", "fusion_head"):  # convolutions / matmuls: countable
+            assert r["gflop_per_item"] > 0 and r["gflops"] > 0 and r["pct_of_peak"] > 0
+        elif r["gflop_per_item"] is None:  # the tiny bundle's BiLSTM: the FLOP counter has no LSTM rule
+            assert r["gflops"] is None and r["pct_of_peak"] is None
+        assert abs(r["ms_per_item"] * r["batch"] - r["median_ms"]) < 0.01 * r["median_ms"] + 0.01
+    pipeline_1 = next(x for x in ml["ratios"] if x["target"] == "pipeline" and x["batch"] == 1)
+    assert pipeline_1["ort_fp32_vs_eager"] > 0
+
+    levels = saved["server_level"]["workloads"]["classify_640x480"]["inprocess"]
+    assert [lv["concurrency"] for lv in levels] == [1, 2]
+    for lv in levels:
+        assert lv["errors"] == 0 and lv["completed"] > 0 and lv["throughput_rps"] > 0
+        assert 0 < lv["p50_ms"] <= lv["p95_ms"] <= lv["p99_ms"]
+    assert saved["serving_venv"]["exists"] is False
+
+    idx = saved["index_search"]
+    assert idx["n"] == 2000 and idx["dim"] == saved["bundle"]["embedding_dim"]
+    assert idx["batch_1"]["median_ms"] > 0 and idx["exactness"]["top_k_id_mismatches"] == 0
+    criteria = {c["criterion"] for c in saved["acceptance"]}
+    assert "ORT pipeline vs PyTorch eager, batch 1: >= 3x per item" in criteria
+
+
+def test_gpu_check_exits_2_with_a_clear_message_without_cuda(tiny_bundle: Path, tmp_path: Path, monkeypatch, capsys):
+    from benchmarks import gpu_check
+
+    monkeypatch.setattr(gpu_check.ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    assert gpu_check.main(["--bundle", str(tiny_bundle), "--out", str(tmp_path / "gpu.json")]) == 2
+    assert "no GPU to check" in capsys.readouterr().err
+    assert not (tmp_path / "gpu.json").exists()
+
+
+def test_gpu_check_dry_run_reports_parity_and_timings_per_graph(tiny_bundle: Path, tmp_path: Path):
+    from benchmarks import gpu_check
+
+    out = tmp_path / "gpu.json"
+    assert gpu_check.main(["--bundle", str(tiny_bundle), "--dry-run-on-cpu", "--batches", "1,2", "--seconds", "0",
+                           "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["dry_run_on_cpu"] is True and r["parity_ok"] is True
+    assert {(g["graph"], g["batch"]) for g in r["graphs"]} == {
+        (role, b) for role in ("image_encoder", "text_encoder", "fusion_head") for b in (1, 2)}
+    assert all(p["min_cosine"] > 0.999 for p in r["parity"])
+    assert [p["batch"] for p in r["pipeline"]] == [1, 2] and all(p["items_per_s"] > 0 for p in r["pipeline"])
+
+
+def test_closed_loop_stretches_the_window_for_a_slow_server_and_counts_only_answers_inside_it():
+    import asyncio
+
+    from benchmarks.server_level import closed_loop
+
+    async def slow() -> int:
+        await asyncio.sleep(0.05)
+        return 200
+
+    async def failing() -> int:
+        await asyncio.sleep(0.005)
+        return 503
+
+    stretched = asyncio.run(closed_loop(slow, 1, warmup_s=0.0, duration_s=0.1, min_completed=5))
+    assert stretched["completed"] == 5 and stretched["window_s"] > 0.2
+    assert 0.05 * 0.9 <= stretched["p50_ms"] / 1000 < 1.0
+    assert abs(stretched["throughput_rps"] - 5 / stretched["window_s"]) < 0.05 * stretched["throughput_rps"]
+
+    errors = asyncio.run(closed_loop(failing, 2, warmup_s=0.0, duration_s=0.1, min_completed=1))
+    assert errors["completed"] == 0 and errors["errors"] > 0 and set(errors["errors_by_status"]) == {"503"}
+    assert errors["throughput_rps"] == 0 and errors["p50_ms"] is None
