@@ -10,16 +10,21 @@ from __future__ import annotations
 import io
 import os
 import platform
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+LOOPBACK = "127.0.0.1"
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 
 # Questions like the demo data's: short, so the text encoder sees ~8-12 tokens per item.
@@ -178,3 +183,45 @@ def dir_size_bytes(path: Path) -> int:
             if not p.is_symlink():
                 total += p.stat().st_size
     return total
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return int(s.getsockname()[1])
+
+
+def start_uvicorn(
+    env: dict[str, str],
+    *,
+    extra_args: tuple[str, ...] = (),
+    stdout: int = subprocess.PIPE,
+    stderr: int = subprocess.STDOUT,
+    ready_timeout_s: float = 60.0,
+) -> tuple[subprocess.Popen, str]:
+    """``uvicorn app.main:app`` on a free loopback port, returned once ``/readyz`` answers 200.
+
+    One starter for the tests and the load scripts, so all of them run the server exactly as users
+    do (a real process, a real socket). ``env`` is the whole environment of the child; its start-up
+    output is read back (from whichever stream is piped) when it dies before becoming ready.
+    """
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "app.main:app", "--host", LOOPBACK, "--port", str(port), *extra_args],
+        env=env, stdout=stdout, stderr=stderr,
+    )
+    url = f"http://{LOOPBACK}:{port}"
+    deadline = time.monotonic() + ready_timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            stream = proc.stderr if proc.stderr is not None else proc.stdout
+            output = stream.read().decode()[-2000:] if stream is not None else ""
+            raise RuntimeError(f"server exited at start: {output}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"server did not become ready in {ready_timeout_s:.0f} s")

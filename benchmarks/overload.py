@@ -26,7 +26,6 @@ import base64
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,7 +40,8 @@ import numpy as np
 import psutil
 from PIL import Image
 
-LOOPBACK = "127.0.0.1"
+from benchmarks.common import start_uvicorn
+
 QUESTIONS = ("what color is the circle?", "how many shapes are in the image?", "is there a large triangle?")
 
 
@@ -81,32 +81,11 @@ class Summary:
         return all(self.checks.values())
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
-
-
 def start_server(bundle: Path, index_dir: Path, env_extra: dict[str, str]) -> tuple[subprocess.Popen, str]:
-    port = free_port()
     env = {**os.environ, "MMFUSION_BUNDLE": str(bundle), "MMFUSION_INDEX_PATH": str(index_dir),
            "MMFUSION_LOG_LEVEL": "warning", **env_extra}
-    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "app.main:app", "--host", LOOPBACK, "--port", str(port),
-                             "--log-level", "warning", "--no-access-log"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://{LOOPBACK}:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited at start: {proc.stderr.read().decode()[-2000:] if proc.stderr else ''}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("server did not become ready in 120 s")
+    return start_uvicorn(env, extra_args=("--log-level", "warning", "--no-access-log"),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, ready_timeout_s=120)
 
 
 def request_body(seed: int = 0) -> bytes:

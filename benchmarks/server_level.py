@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,7 +26,7 @@ from typing import Any
 import httpx
 import psutil
 
-from benchmarks.common import REPO_ROOT, percentiles_ms
+from benchmarks.common import REPO_ROOT, free_port, percentiles_ms
 
 
 @dataclass(frozen=True)
@@ -108,12 +107,6 @@ async def closed_loop(send: Callable[[], Awaitable[int]], concurrency: int, warm
         "errors_by_status": errors,
         "window_s": round(window_s, 2),
     }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

@@ -174,14 +174,7 @@ def image_features(
 ) -> ImageFeatures:
     """Read what the cache has, run the encoder (eval mode) on the rest, store it, return all."""
     keys = [image_key(identity, pre, p) for p in paths]
-    found: dict[int, np.ndarray] = {}
-    todo: list[int] = []
-    for i, k in enumerate(keys):
-        arr = cache.get(k)
-        if arr is None:
-            todo.append(i)
-        else:
-            found[i] = arr
+    found, todo = _lookup(cache, keys)
     if not paths:
         raise ValueError("no images to encode")
     was_training = encoder.training
@@ -207,6 +200,19 @@ def image_features(
     return ImageFeatures(stacked[:, 0].contiguous(), stacked[:, 1:].contiguous())
 
 
+def _lookup(cache: FeatureCache, keys: list[str]) -> tuple[dict[int, np.ndarray], list[int]]:
+    """(position -> cached features, positions still to encode) for ``keys``."""
+    found: dict[int, np.ndarray] = {}
+    todo: list[int] = []
+    for i, k in enumerate(keys):
+        arr = cache.get(k)
+        if arr is None:
+            todo.append(i)
+        else:
+            found[i] = arr
+    return found, todo
+
+
 def _load(path: Path, pre: ImagePreprocessing) -> np.ndarray:
     with Image.open(path) as img:
         return preprocess_pil(img, pre)
@@ -227,14 +233,7 @@ def text_features(
     """Features of every distinct text; misses are encoded in length-sorted batches (little padding)."""
     distinct = list(dict.fromkeys(texts))
     keys = [text_key(identity, tokenizer_sha256, tokenizer.max_length, t) for t in distinct]
-    found: dict[int, np.ndarray] = {}
-    todo: list[int] = []
-    for i, k in enumerate(keys):
-        arr = cache.get(k)
-        if arr is None:
-            todo.append(i)
-        else:
-            found[i] = arr
+    found, todo = _lookup(cache, keys)
     if not distinct:
         raise ValueError("no texts to encode")
     todo.sort(key=lambda i: len(tokenizer.token_ids(distinct[i])))

@@ -26,7 +26,8 @@ from app.core import metrics
 from app.core.errors import BundleError
 from app.index import VectorIndex
 from app.main import create_app
-from tests.app.test_uvicorn_process import free_port, start_server
+from benchmarks.common import free_port
+from tests.app.test_uvicorn_process import start_server
 
 LEAKS = ("Traceback", 'File "', "/work/", "/tmp/", ".py\"")
 

@@ -3,44 +3,20 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 
+from benchmarks.common import start_uvicorn
 from tests.helpers.images import demo_png
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(bundle: Path, index: Path, extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
-    port = free_port()
+    """The service on ``bundle`` with stdout and stderr merged into ``proc.stdout`` (tests read its logs)."""
     env = {**os.environ, "MMFUSION_BUNDLE": str(bundle), "MMFUSION_INDEX_PATH": str(index),
            "MMFUSION_INTRA_OP_THREADS": "1", **(extra_env or {})}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stdout.read().decode() if proc.stdout else ''}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("server did not become ready in 60 s")
+    return start_uvicorn(env)
 
 
 def test_real_uvicorn_process_serves_classify_over_a_socket(tiny_bundle: Path, tiny_config, tmp_path: Path) -> None:
