@@ -284,5 +284,6 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "int8_vs_fp32": None if not (fp and i8) else round(fp["ms_per_item"] / i8["ms_per_item"], 2),
             "ort_fp32_vs_eager_best": None if not (fp and ea) else round(ea["min_ms"] / fp["min_ms"], 2),
             "int8_vs_fp32_best": None if not (fp and i8) else round(fp["min_ms"] / i8["min_ms"], 2),
+            "ort_int8_vs_eager": None if not (i8 and ea) else round(ea["ms_per_item"] / i8["ms_per_item"], 2),
         })
     return out

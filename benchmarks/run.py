@@ -59,6 +59,10 @@ MODES: dict[str, dict[str, Any]] = {
     },
 }
 SERVERS = ("mmfusion", "inprocess", "naive_torch", "litserve")
+LOAD_CLIENT_TEXT = {
+    "raw": "benchmarks/load_client.py (pre-serialised requests, one keep-alive connection per client)",
+    "httpx": "httpx.AsyncClient (one keep-alive connection per client)",
+}
 PARTS = ("model", "server", "index")
 
 
@@ -90,6 +94,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--index-n", type=int, default=None, help="override the number of indexed vectors")
     p.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
                    help="extra environment for the mmfusion server, e.g. MMFUSION_MAX_BATCH_SIZE=8 (repeatable)")
+    p.add_argument("--load-client", choices=("raw", "httpx"), default="raw",
+                   help="HTTP load generator: raw = benchmarks/load_client.py (default, least client CPU per "
+                   "request), httpx = httpx.AsyncClient (for comparing the client's cost)")
     p.add_argument("--litserve-max-batch-size", type=int, default=8)
     p.add_argument("--litserve-batch-timeout", type=float, default=0.005, help="seconds")
     p.add_argument("--serve-venv", type=Path, default=Path(".venv-serve"), help="serving venv whose size is reported")
@@ -140,12 +147,15 @@ def run_model(args: argparse.Namespace, cfg: dict[str, Any], peak: float) -> dic
 
 
 async def run_servers(args: argparse.Namespace, cfg: dict[str, Any], servers: list[str]) -> dict[str, Any]:
-    """All servers up at once (idle ones cost memory, not CPU), measured in turn at each client count.
+    """All servers up at once, measured in turn at each client count, the idle ones suspended.
 
     Interleaving by level (mmfusion, in-process, naive, LitServe at 1 client, then all at 4, ...)
     rather than server by server keeps the ratios at one client count from being skewed by the
     load of other jobs drifting over the minutes a run takes on a shared machine. Only one server
-    is ever under load at a time.
+    is ever running at a time: every other one is SIGSTOPped (``ServerProcess.suspend``), from
+    right after its own start-up was timed until its turn, and during the in-process ceiling,
+    because an idle server is not idle (LitServe polls its queues) and eager PyTorch loses many
+    times its speed when a core is taken from it.
     """
     from app.core.config import Settings
     from app.inference.pipeline import ModelPipeline
@@ -192,9 +202,10 @@ async def run_servers(args: argparse.Namespace, cfg: dict[str, Any], servers: li
     try:
         for name, proc in list(procs.items()):
             log(f"  {name}: starting")
-            try:  # start-up is timed one server at a time, with the others idle
+            try:  # start-up is timed one server at a time, with the others suspended
                 startup[name] = round(proc.start(), 3)
                 idle_rss[name] = proc.sample_rss()
+                proc.suspend()
             except Exception as exc:  # one failing baseline must not lose the others' figures
                 notes.append(f"{name} failed to start: {type(exc).__name__}: {exc}"[:1500])
                 log(f"  {name} FAILED to start: {exc}")
@@ -222,11 +233,15 @@ async def run_servers(args: argparse.Namespace, cfg: dict[str, Any], servers: li
 
                         level = (await sl.inprocess_levels(work, plan, (c,)))[0]
                     elif name in procs:
+                        procs[name].resume()
                         try:
-                            level = (await sl.http_levels(procs[name], bodies[name][key], plan, (c,)))[0]
+                            level = (await sl.http_levels(procs[name], bodies[name][key], plan, (c,),
+                                                          args.load_client))[0]
                         except Exception as exc:
                             notes.append(f"{name} failed at {c} clients: {type(exc).__name__}: {exc}"[:1500])
                             continue
+                        finally:
+                            procs[name].suspend()
                     else:
                         continue
                     workloads[workload].setdefault(name, []).append(level)
@@ -234,20 +249,35 @@ async def run_servers(args: argparse.Namespace, cfg: dict[str, Any], servers: li
             del pipe
             gc.collect()
         if "mmfusion" in procs:
+            procs["mmfusion"].resume()
             for workload, body in (
                 ("search_text", sl.json_body("/v1/search", {"text": SEARCH_QUERY, "k": 10})),
                 ("embed_image_640x480", multipart("/v1/embed", images["640x480"], with_text=False)),
             ):
                 log(f"  mmfusion: {workload} at {side} clients")
-                workloads[workload] = {"mmfusion": await sl.http_levels(procs["mmfusion"], body, plan, side)}
+                workloads[workload] = {"mmfusion": await sl.http_levels(procs["mmfusion"], body, plan, side,
+                                                                        args.load_client)}
     finally:
+        for proc in procs.values():
+            proc.resume()
         for proc in procs.values():
             proc.stop()
     rss = {name: {"idle": round(idle_rss[name] / 2**20, 1), "peak": round(max(p.rss_samples) / 2**20, 1)}
            for name, p in procs.items() if name in idle_rss}
+    idle = "idle servers suspended (SIGSTOP) while another is measured, started and timed one at a time"
+    client_cpu = [lv["client_cpu_ms_per_request"] for by_server in workloads.values() for levels in by_server.values()
+                  for lv in levels if lv.get("client_cpu_ms_per_request") is not None]
+    if procs:
+        notes.append(f"{idle}: an idle LitServe polls at ~0.2 of a core and eager PyTorch's OpenMP threads slow down "
+                     "many times over when a core is taken, so no server pays for another one")
+    if client_cpu:
+        notes.append(f"load generator: {LOAD_CLIENT_TEXT[args.load_client]} in the driver process on the same CPUs, "
+                     f"{min(client_cpu)}-{max(client_cpu)} ms of client CPU per request (client_cpu_ms_per_request "
+                     "per level); the in-process ceiling pays none of it")
     server = {
         "plan": {"concurrency": list(plan.concurrency), "side_concurrency": list(side), "warmup_s": plan.warmup_s,
-                 "duration_s": plan.duration_s, "order": "interleaved by client count, one server loaded at a time"},
+                 "duration_s": plan.duration_s, "order": "interleaved by client count, one server loaded at a time",
+                 "idle_servers": idle, "load_client": LOAD_CLIENT_TEXT[args.load_client]},
         "images": {k: len(v) for k, v in images.items()},
         "mmfusion_env": env_pairs,
         "mmfusion_settings": effective_settings(env_pairs),

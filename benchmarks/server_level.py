@@ -4,8 +4,15 @@ Closed loop: N clients, each sends a request, waits for the answer, sends the ne
 counts the answers that arrive inside the measurement window (after a warm-up); latencies are
 those answers' wall-clock times; requests still in flight when the window closes are awaited
 (so the next level starts on an idle server) but not counted. Bodies are encoded once up front
-(multipart with a real JPEG) so the client spends its CPU on HTTP only: on a 2-core machine the
-load generator shares the CPUs with the server, which is the same for every server compared.
+(multipart with a real JPEG) and sent by ``benchmarks/load_client.py`` (pre-serialised bytes on
+keep-alive connections) so the client spends as little CPU as possible: on a 2-core machine the
+load generator shares the CPUs with the server. The driver's CPU time per request is recorded
+with every level (``client_cpu_ms_per_request``) so that share is visible.
+
+Only one server may use the CPUs at a time: an "idle" server is not idle (LitServe's processes
+poll their queues, ~0.18 of a core here) and eager PyTorch's OpenMP threads slow down many times
+over when a core is taken from them. So every server not being measured is suspended
+(``ServerProcess.suspend``, SIGSTOP to its whole process tree) and resumed for its own turn.
 """
 
 from __future__ import annotations
@@ -27,6 +34,9 @@ import httpx
 import psutil
 
 from benchmarks.common import REPO_ROOT, free_port, percentiles_ms
+from benchmarks.load_client import LoadClient
+
+LOAD_CLIENTS = ("raw", "httpx")  # raw: benchmarks/load_client.py (default); httpx: for comparison
 
 
 @dataclass(frozen=True)
@@ -168,9 +178,36 @@ class ServerProcess:
         except OSError:
             return ""
 
+    def _tree(self) -> list[psutil.Process]:
+        """The server process and all its descendants (LitServe: API server, workers, queue manager)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return []
+        try:
+            root = psutil.Process(self.proc.pid)
+            return [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return []
+
+    def suspend(self) -> None:
+        """SIGSTOP the whole process tree: a server waiting for its turn takes no CPU from the one measured.
+
+        The parent is stopped first so it cannot start a child that escapes the list. Sockets stay
+        open; connections made meanwhile wait in the listen backlog until :meth:`resume`.
+        """
+        for p in self._tree():
+            with contextlib.suppress(psutil.Error):
+                p.suspend()
+
+    def resume(self) -> None:
+        """SIGCONT the whole tree (children first); harmless on a running process."""
+        for p in reversed(self._tree()):
+            with contextlib.suppress(psutil.Error):
+                p.resume()
+
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
+        self.resume()  # a stopped process would hold SIGTERM pending until SIGCONT
         try:
             children = psutil.Process(self.proc.pid).children(recursive=True)
         except psutil.Error:
@@ -187,21 +224,51 @@ class ServerProcess:
 
 
 async def http_levels(server: ServerProcess, body: Body, plan: LoadPlan,
-                      concurrency: Sequence[int] | None = None) -> list[dict[str, Any]]:
+                      concurrency: Sequence[int] | None = None, client: str = "raw") -> list[dict[str, Any]]:
+    """Closed-loop levels against ``server``, one connection per client.
+
+    Each level also reports the driver process's CPU time per request sent (warm-up and drain
+    included, like the CPU time itself): the share of the 2 cores the load generator took.
+    ``client="httpx"`` drives the same load through httpx.AsyncClient, to compare that cost.
+    """
+    if client not in LOAD_CLIENTS:
+        raise ValueError(f"client must be one of {LOAD_CLIENTS}, got {client!r}")
     levels = []
-    most = max(plan.concurrency) + 8
-    limits = httpx.Limits(max_connections=most, max_keepalive_connections=most)
-    async with httpx.AsyncClient(base_url=server.base_url, timeout=plan.request_timeout_s, limits=limits) as client:
+    for c in concurrency or plan.concurrency:
+        sent = 0
+        if client == "raw":
+            lc = LoadClient(server.base_url, c, plan.request_timeout_s)
+            raw = lc.prepare("POST", body.path, body.content, body.headers)
 
-        async def send() -> int:
-            r = await client.post(body.path, content=body.content, headers=body.headers)
-            await r.aread()
-            return r.status_code
+            async def send(lc: LoadClient = lc, raw: bytes = raw) -> int:
+                nonlocal sent
+                sent += 1
+                return (await lc.send(raw)).status
 
-        for c in concurrency or plan.concurrency:
+            aclose: Callable[[], Awaitable[None]] = lc.aclose
+        else:
+            limits = httpx.Limits(max_connections=c, max_keepalive_connections=c)
+            hc = httpx.AsyncClient(base_url=server.base_url, timeout=plan.request_timeout_s, limits=limits)
+
+            async def send(hc: httpx.AsyncClient = hc) -> int:
+                nonlocal sent
+                sent += 1
+                r = await hc.post(body.path, content=body.content, headers=body.headers)
+                await r.aread()
+                return r.status_code
+
+            aclose = hc.aclose
+        cpu0 = time.process_time()
+        try:
             level = await closed_loop(send, c, plan.warmup_s, plan.duration_s)
-            level["rss_mb"] = round(server.sample_rss() / 2**20, 1)
-            levels.append(level)
+        finally:
+            cpu_s = time.process_time() - cpu0
+            await aclose()
+        level["client"] = client
+        level["requests_sent"] = sent
+        level["client_cpu_ms_per_request"] = round(cpu_s * 1000 / sent, 3) if sent else None
+        level["rss_mb"] = round(server.sample_rss() / 2**20, 1)
+        levels.append(level)
     return levels
 
 

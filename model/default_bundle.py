@@ -107,13 +107,15 @@ def build_default(
     overrides: dict[str, Any] | None = None,
     questions_per_image: int = DEMO_QUESTIONS_PER_IMAGE,
     int8: bool = False,
+    fp16: bool = False,
 ) -> Path:
     """Demo data -> training -> test metrics -> ONNX export (parity-checked) -> seed index.
 
     ``overrides`` replaces TrainConfig fields of the default (tests build a reduced pretrained
     bundle with fewer images and one epoch this way). ``int8`` is off by default: the INT8 search
     measures every candidate per graph (about 200 s on two AVX2 cores, where only the fusion head
-    gains), which would push the first ``make serve`` towards its 10-minute budget.
+    gains), which would push the first ``make serve`` towards its 10-minute budget. ``fp16`` adds the
+    GPU variant (see ``model/fp16.py``).
     """
     from model.export import export_bundle
     from model.train import evaluate_run, train
@@ -126,7 +128,7 @@ def build_default(
         generate_default_demo(cfg, questions_per_image, progress=progress)
     run_dir = train(cfg, progress=progress)
     test_metrics = evaluate_run(run_dir, "test")
-    export_bundle(run_dir, out, metrics=test_metrics, progress=progress, int8=int8)
+    export_bundle(run_dir, out, metrics=test_metrics, progress=progress, int8=int8, fp16=fp16)
     n = build_seed_index(out, Path(cfg.demo_dir), progress=progress)
     _register_seed_index(out)
     if progress:

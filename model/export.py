@@ -40,7 +40,7 @@ from app.preprocessing.image import preprocess_pil
 from app.preprocessing.text import TextTokenizer
 from model.data.rows import Row
 from model.fusion_model import FusionHeadGraph, FusionModel, ImageEncoderGraph, TextEncoderGraph
-from model.quantize import Int8Options, Int8Report, QuantData, load_samples, quantize_graphs, spread_rows
+from model.quantize import Int8Options, Int8Report, QuantData, Samples, load_samples, quantize_graphs, spread_rows
 from model.train import load_run
 
 OPSET = 17
@@ -268,19 +268,38 @@ def add_int8_variants(
     """Quantize the fp32 graphs in ``bundle_dir`` and return the graphs with their ``int8`` variants."""
     fp32_files = {role: spec.variants["fp32"].file for role, spec in graphs.items()}
     files, report = quantize_graphs(bundle_dir, fp32_files, tokenizer, data, options, progress=progress)
+    return with_variant(bundle_dir, graphs, "int8", files), variant_quality(report), report
+
+
+def add_fp16_variants(bundle_dir: Path, graphs: dict[str, GraphSpec], tokenizer: TextTokenizer, samples: Samples
+                      ) -> tuple[dict[str, GraphSpec], VariantQuality, Int8Report]:
+    """Convert the fp32 graphs in ``bundle_dir`` to float16 (for GPUs) and measure what that costs."""
+    from model.fp16 import add_fp16_files
+
+    fp32_files = {role: spec.variants["fp32"].file for role, spec in graphs.items()}
+    files, report = add_fp16_files(bundle_dir, fp32_files, tokenizer, samples)
+    return with_variant(bundle_dir, graphs, "fp16", files), variant_quality(report), report
+
+
+def with_variant(bundle_dir: Path, graphs: dict[str, GraphSpec], precision: str, files: dict[str, str]
+                 ) -> dict[str, GraphSpec]:
+    """The graphs with one more precision variant each (file name, sha256 and size recorded)."""
     updated: dict[str, GraphSpec] = {}
     for role, spec in graphs.items():
         path = bundle_dir / files[role]
         variant = GraphFile(file=files[role], sha256=sha256_file(path), size_bytes=path.stat().st_size)
-        updated[role] = spec.model_copy(update={"variants": {**spec.variants, "int8": variant}})
-    quality = VariantQuality(
+        updated[role] = spec.model_copy(update={"variants": {**spec.variants, precision: variant}})
+    return updated
+
+
+def variant_quality(report: Int8Report) -> VariantQuality:
+    return VariantQuality(
         top1_agreement=report.top1_agreement,
         accuracy=report.accuracy,
         accuracy_drop=report.accuracy_drop,
         min_embedding_cosine=report.min_embedding_cosine,
         samples=report.samples,
     )
-    return updated, quality, report
 
 
 def export_bundle(
@@ -293,12 +312,14 @@ def export_bundle(
     progress: bool = True,
     int8: bool = False,
     int8_options: Int8Options | None = None,
+    fp16: bool = False,
 ) -> BundleManifest:
     """Write ONNX graphs + tokenizer + labels + manifest.json, refusing to ship on a parity failure.
 
     ``int8`` adds an ``int8`` variant per graph (see ``model/quantize.py``): calibrated on training
     samples, chosen by measured speed and fidelity, with its top-1 agreement with fp32 on the test
-    split recorded in ``quality["int8"]``.
+    split recorded in ``quality["int8"]``. ``fp16`` adds an ``fp16`` variant for GPUs (see
+    ``model/fp16.py``), its quality measured on the same test samples and recorded in ``quality["fp16"]``.
     """
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     model, cfg, ckpt = load_run(run_dir, which)
@@ -313,7 +334,7 @@ def export_bundle(
     tokenizer = TextTokenizer(tmp / "tokenizer.json", int(ckpt["max_length"]))
     real: list[tuple[Path, str]] = []
     data = None
-    if real_samples or int8:
+    if real_samples or int8 or fp16:
         from model.data.prepared import prepare_data
 
         data = prepare_data(cfg, progress=False)
@@ -339,6 +360,16 @@ def export_bundle(
         (tmp / QUANTIZATION_REPORT).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
         if progress:
             print(report.table())
+    if fp16 and data is not None:
+        limit = (int8_options or Int8Options()).evaluation_samples
+        evaluate = (data.split("test") or data.split("val") or data.rows)[:limit]
+        if progress:
+            print(f"fp16: converting the graphs and measuring them against fp32 on {len(evaluate)} samples")
+        graphs, quality["fp16"], fp16_report = add_fp16_variants(tmp, graphs, tokenizer,
+                                                                 load_samples(evaluate, image_pre, labels))
+        if progress:
+            print(f"fp16: top-1 agreement with fp32 {fp16_report.top1_agreement:.4f}, min embedding cosine "
+                  f"{fp16_report.min_embedding_cosine:.5f} on {fp16_report.samples} samples")
     all_metrics = {k: float(v) for k, v in (ckpt.get("metrics") or {}).items() if isinstance(v, int | float)}
     all_metrics.update(metrics or {})
     manifest = BundleManifest(

@@ -56,10 +56,11 @@ class BatchedPipeline:
     def __init__(self, pipeline: ModelPipeline, config: BatchingConfig):
         self.pipeline = pipeline
         self.config = config
-        # A fusion head whose rows depend on their batch (dynamic INT8) runs each request on its own:
-        # it costs 0.3-0.6 ms per call, so merging saves little, and a result then never depends on
-        # which other requests happened to be queued with it.
-        self.fusion_per_request = not batch_invariant(pipeline.sessions["fusion_head"])
+        # A graph whose rows depend on their batch-mates (dynamic INT8: one activation scale per batch)
+        # runs one row per call, so an answer never depends on which other requests were queued with
+        # it, nor a cached text row on the batch that computed it. The INT8 search (model/quantize.py)
+        # judges such graphs at that one-row-per-call cost, so it only picks them when that still wins.
+        self.per_row = {role: not batch_invariant(session) for role, session in pipeline.sessions.items()}
         self._largest = {"image_encoder": 0, "text_encoder": 0, "fusion_head": 0}  # rows since the last shrink
         self._active = 0  # public calls in progress (all on the server's one event loop)
         self._closing = False
@@ -93,19 +94,32 @@ class BatchedPipeline:
 
     def _run_images(self, payloads: Sequence[np.ndarray]) -> list[ImageOutputs]:
         merged = payloads[0] if len(payloads) == 1 else np.concatenate(payloads)
-        out = self.pipeline.encode_images(merged, shrink_arena=self._shrink(self.image, len(merged)))
+        shrink = self._shrink(self.image, len(merged))
+        if self.per_row["image_encoder"] and len(merged) > 1:
+            out = _concat([self.pipeline.encode_images(merged[i:i + 1], shrink_arena=shrink and i == len(merged) - 1)
+                           for i in range(len(merged))])
+        else:
+            out = self.pipeline.encode_images(merged, shrink_arena=shrink)
         return [{name: v[a:b] for name, v in out.items()} for a, b in _offsets([len(p) for p in payloads])]
 
     def _run_texts(self, payloads: Sequence[list[str]]) -> list[list[TextRow]]:
         texts = [t for p in payloads for t in p]
-        rows = self.pipeline.encode_text_rows(texts, shrink_arena=self._shrink(self.text, len(texts)))
+        shrink = self._shrink(self.text, len(texts))
+        if self.per_row["text_encoder"] and len(texts) > 1:
+            rows = [row for i, t in enumerate(texts)
+                    for row in self.pipeline.encode_text_rows([t], shrink_arena=shrink and i == len(texts) - 1)]
+        else:
+            rows = self.pipeline.encode_text_rows(texts, shrink_arena=shrink)
         return [rows[a:b] for a, b in _offsets([len(p) for p in payloads])]
 
     def _run_fusion(self, payloads: Sequence[FusionPayload]) -> list[np.ndarray]:
-        if self.fusion_per_request and len(payloads) > 1:
-            return [self._run_fusion([p])[0] for p in payloads]
         image = _concat([img for img, _ in payloads])
         rows = [r for _, rs in payloads for r in rs]
+        if self.per_row["fusion_head"] and len(rows) > 1:
+            singles = [self._run_fusion([({k: v[i:i + 1] for k, v in image.items()}, [row])])[0]
+                       for i, row in enumerate(rows)]
+            merged = np.concatenate(singles)
+            return [merged[a:b] for a, b in _offsets([len(rs) for _, rs in payloads])]
         probs = self.pipeline.fuse(self.pipeline.fusion_feeds(image, rows),
                                    shrink_arena=self._shrink(self.fusion, len(rows)))
         return [probs[a:b] for a, b in _offsets([len(rs) for _, rs in payloads])]

@@ -410,7 +410,7 @@ def test_batch_invariance_probe_flags_dynamic_int8_graphs_and_passes_fp32(tiny_p
     assert not batch_invariant(int8)
 
 
-def test_a_batch_dependent_fusion_head_runs_each_request_on_its_own(tiny_pipeline, tiny_config, monkeypatch) -> None:
+def test_a_batch_dependent_fusion_head_runs_each_row_on_its_own(tiny_pipeline, tiny_config, monkeypatch) -> None:
     pixels = pixels_of(tiny_config, tiny_pipeline, [0, 1, 2])
     bp = BatchedPipeline(tiny_pipeline, BatchingConfig())
     calls: list[int] = []
@@ -425,15 +425,49 @@ def test_a_batch_dependent_fusion_head_runs_each_request_on_its_own(tiny_pipelin
         groups = [(pixels[0:1], [LONG]), (pixels[1:3], [SHORT, MEDIUM])]
         payloads = list(zip(bp._run_images([g[0] for g in groups]), bp._run_texts([g[1] for g in groups]),
                             strict=True))
-        assert not bp.fusion_per_request  # fp32: merged
+        assert bp.per_row == {"image_encoder": False, "text_encoder": False, "fusion_head": False}  # fp32
         merged = bp._run_fusion(payloads)
-        bp.fusion_per_request = True
+        bp.per_row["fusion_head"] = True
         separate = bp._run_fusion(payloads)
     finally:
         bp.image.close(), bp.text.close(), bp.fusion.close()
-    assert calls == [3, 1, 2]
+    assert calls == [3, 1, 1, 1]
     for m, s in zip(merged, separate, strict=True):
         np.testing.assert_allclose(m, s, atol=1e-5, rtol=0)
+
+
+def test_batch_dependent_encoders_run_one_row_per_call_with_the_same_results(tiny_pipeline, tiny_config,
+                                                                            monkeypatch) -> None:
+    pixels = pixels_of(tiny_config, tiny_pipeline, [0, 1, 2])
+    bp = BatchedPipeline(tiny_pipeline, BatchingConfig())
+    image_calls: list[int] = []
+    text_calls: list[int] = []
+    real_images, real_texts = tiny_pipeline.encode_images, tiny_pipeline.encode_text_rows
+
+    def images(pixel_values: np.ndarray, **kw: bool) -> dict[str, np.ndarray]:
+        image_calls.append(len(pixel_values))
+        return real_images(pixel_values, **kw)
+
+    def texts(batch: list[str], **kw: bool) -> list:
+        text_calls.append(len(batch))
+        return real_texts(batch, **kw)
+
+    monkeypatch.setattr(tiny_pipeline, "encode_images", images)
+    monkeypatch.setattr(tiny_pipeline, "encode_text_rows", texts)
+    try:
+        merged_img = bp._run_images([pixels[0:1], pixels[1:3]])
+        merged_txt = bp._run_texts([[LONG], [SHORT, MEDIUM]])
+        bp.per_row.update(image_encoder=True, text_encoder=True)
+        single_img = bp._run_images([pixels[0:1], pixels[1:3]])
+        single_txt = bp._run_texts([[LONG + " again"], [SHORT + " again", MEDIUM + " again"]])
+    finally:
+        bp.image.close(), bp.text.close(), bp.fusion.close()
+    assert image_calls == [3, 1, 1, 1]
+    assert text_calls == [3, 1, 1, 1]
+    assert [len(p["image_embedding"]) for p in single_img] == [1, 2]
+    for m, s in zip(merged_img, single_img, strict=True):
+        np.testing.assert_allclose(m["image_embedding"], s["image_embedding"], atol=1e-5, rtol=0)
+    assert [len(rows) for rows in single_txt] == [1, 2] and [len(rows) for rows in merged_txt] == [1, 2]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -178,3 +178,39 @@ def test_verify_fails_on_a_tampered_file(int8_bundle: Path, tmp_path: Path) -> N
     report = verify_bundle(bundle)
     assert not report["ok"]
     assert "sha256" in report["failures"][0]
+
+
+# The acceptance rule on measured numbers (the measurements themselves are exercised above).
+HEAD_INPUTS = {"text_features", "text_tokens", "image_features", "image_regions", "attention_mask"}
+CONSUMED = HEAD_INPUTS | {"image_embedding", "text_embedding", "probabilities"}
+
+
+def test_head_only_features_need_the_looser_floor_and_the_agreement_decides() -> None:
+    from model.quantize import refusal
+
+    opts = Int8Options()
+    # the default bundle's dynamic INT8 MiniLM on an AVX2 CPU: pooled/embedding 0.994, per-token 0.975
+    text = {"text_features": 0.994, "text_tokens": 0.9747, "text_embedding": 0.9941}
+    assert refusal(text, CONSUMED, None, 1.4, True, opts) == ""
+    assert refusal({**text, "text_tokens": 0.93}, CONSUMED, None, 1.4, True, opts).startswith(
+        "fusion-head input cosine text_tokens 0.9300")
+    # what users receive keeps the strict bar
+    assert refusal({**text, "text_embedding": 0.975}, CONSUMED, None, 1.4, True, opts).startswith(
+        "output cosine text_embedding 0.9750 < 0.98")
+    # an output nothing reads is not judged (a concat head never reads token features)
+    assert refusal(text, CONSUMED - {"text_tokens"} | {"text_features"}, None, 1.4, True,
+                   Int8Options(min_head_input_cosine=0.99)) == ""
+    assert refusal({"probabilities": 0.9999}, CONSUMED, 0.985, 2.0, False, opts) == "top-1 agreement 0.9850 < 0.99"
+
+
+def test_batch_variant_candidates_are_timed_as_served_one_row_per_call() -> None:
+    from model.quantize import refusal, served_speedup
+
+    # batch 1: 2x faster; batch 8: the INT8 call is 2x faster too, but the server runs 8 single rows
+    assert served_speedup(8.0, 4.0, 40.0, 20.0, batch_variant=False) == pytest.approx(2.0)
+    assert served_speedup(8.0, 4.0, 40.0, 20.0, batch_variant=True) == pytest.approx((2.0 * 40 / 32) ** 0.5)
+    # a graph whose single-row INT8 calls lose to fp32 batching is refused, and says why
+    slow = served_speedup(1.0, 0.9, 2.0, 1.0, batch_variant=True)
+    assert slow < 1.0
+    reason = refusal({"probabilities": 1.0}, CONSUMED, 1.0, slow, True, Int8Options())
+    assert reason.startswith("not faster") and "served one row per call" in reason
