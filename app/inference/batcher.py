@@ -52,9 +52,12 @@ class BatchingConfig:
     max_batch_size: int = 32
     max_queue_delay_s: float = 0.0
     max_queue_size: int = 256
+    idle_s: float = 2.0
+    """Empty-queue time after a batch that counts as idle (``on_idle`` housekeeping runs then): long
+    enough that a closed-loop load never looks idle between its batches."""
 
     def __post_init__(self) -> None:
-        if self.max_batch_size < 1 or self.max_queue_size < 1 or self.max_queue_delay_s < 0:
+        if self.max_batch_size < 1 or self.max_queue_size < 1 or self.max_queue_delay_s < 0 or self.idle_s <= 0:
             raise ValueError(f"invalid batching config {self}")
 
 
@@ -80,10 +83,16 @@ def _deliver(future: asyncio.Future[R], result: R | None, error: BaseException |
 class GraphBatcher(Generic[P, R]):
     """A bounded request queue in front of one graph, drained by its own inference thread."""
 
-    def __init__(self, name: str, run_batch: BatchFn[P, R], config: BatchingConfig):
+    def __init__(self, name: str, run_batch: BatchFn[P, R], config: BatchingConfig,
+                 on_idle: Callable[[], None] | None = None):
+        """``on_idle`` runs on the inference thread once the queue has stayed empty for
+        ``config.idle_s`` after a batch (housekeeping that must not slow a busy graph, e.g.
+        shrinking its memory arena)."""
         self.name = name
         self.config = config
         self._run_batch = run_batch
+        self._on_idle = on_idle
+        self._idle_due = False  # a batch ran since on_idle last did
         self._queue: deque[_Entry[P, R]] = deque()
         self._cond = threading.Condition()
         self._closing = False
@@ -152,12 +161,18 @@ class GraphBatcher(Generic[P, R]):
 
     # -- inference thread -----------------------------------------------------------------
     def _take_batch(self) -> list[_Entry[P, R]] | None:
-        """Block until a batch is due (Triton's rule) and take it; None once closed and drained."""
+        """Block until a batch is due (Triton's rule) and take it; None once closed and drained,
+        ``[]`` when the queue stayed empty for ``idle_s`` after a batch (time for ``on_idle``)."""
         cfg = self.config
         with self._cond:
             while True:
                 while not self._queue and not self._closing:
-                    self._cond.wait()
+                    if self._idle_due and self._on_idle is not None:
+                        if not self._cond.wait(cfg.idle_s) and not self._queue and not self._closing:
+                            self._idle_due = False
+                            return []
+                    else:
+                        self._cond.wait()
                 if not self._queue:
                     return None  # closing, nothing left
                 deadline = self._queue[0].enqueued + cfg.max_queue_delay_s
@@ -184,6 +199,13 @@ class GraphBatcher(Generic[P, R]):
             batch = self._take_batch()
             if batch is None:
                 return
+            if not batch:
+                try:
+                    self._on_idle()  # type: ignore[misc]
+                except Exception:  # housekeeping must never stop the inference thread
+                    log.exception("%s idle housekeeping failed", self.name)
+                continue
+            self._idle_due = True
             started = time.perf_counter()
             wait = metrics.QUEUE_WAIT.labels(self.name)
             for entry in batch:

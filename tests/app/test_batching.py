@@ -369,29 +369,34 @@ def test_aclose_lets_a_classify_in_progress_finish_and_then_refuses(tiny_pipelin
     asyncio.run(main())
 
 
-def test_the_memory_arena_is_shrunk_only_when_a_large_batch_ends_a_burst(tiny_pipeline, monkeypatch) -> None:
-    flags: list[bool] = []
-    real = tiny_pipeline.encode_images
+def test_the_memory_arena_is_shrunk_once_a_graph_goes_idle_after_a_large_batch_never_between_batches(
+        tiny_pipeline, monkeypatch) -> None:
+    session = tiny_pipeline.sessions["image_encoder"]
+    calls: list[tuple[int, bool]] = []
+    real = session.run
 
-    def recording(pixel_values: np.ndarray, *, shrink_arena: bool = False) -> dict[str, np.ndarray]:
-        flags.append(shrink_arena)
-        return real(pixel_values, shrink_arena=shrink_arena)
+    def recording(feeds: dict[str, np.ndarray], *, shrink_arena: bool = False) -> dict[str, np.ndarray]:
+        calls.append((len(feeds["pixel_values"]), shrink_arena))
+        return real(feeds, shrink_arena=shrink_arena)
 
-    monkeypatch.setattr(tiny_pipeline, "encode_images", recording)
+    monkeypatch.setattr(session, "run", recording)
     size = tiny_pipeline.manifest.image.size
     big, small = (np.zeros((n, 3, size, size), dtype=np.float32) for n in (SHRINK_AFTER_ROWS + 1, 1))
-    bp = BatchedPipeline(tiny_pipeline, BatchingConfig())
-    try:
-        bp._run_images([small])  # small batches never shrink
-        monkeypatch.setattr(GraphBatcher, "depth", property(lambda self: 5))
-        bp._run_images([big])  # a large batch while requests are still queued: load goes on, keep the arena
-        bp._run_images([small])
-        monkeypatch.setattr(GraphBatcher, "depth", property(lambda self: 0))
-        bp._run_images([small])  # the queue ran dry after a large batch: give the memory back, once
-        bp._run_images([small])
-    finally:
-        bp.image.close(), bp.text.close(), bp.fusion.close()
-    assert flags == [False, False, False, True, False]
+    bp = BatchedPipeline(tiny_pipeline, BatchingConfig(idle_s=0.3))
+
+    async def main() -> None:
+        await bp.encode_images(small)
+        await asyncio.sleep(0.5)  # idle after a small batch: nothing to give back
+        for _ in range(3):  # back-to-back large batches (a sustained load): never shrunk in between
+            await bp.encode_images(big)
+        await wait_until(lambda: any(flag for _, flag in calls), timeout=5)  # idle: shrunk, by a 1-row run
+        await bp.encode_images(small)
+        await asyncio.sleep(0.5)  # idle again, but no large batch since the shrink
+        await bp.aclose()
+
+    asyncio.run(main())
+    big_n = SHRINK_AFTER_ROWS + 1
+    assert calls == [(1, False), (big_n, False), (big_n, False), (big_n, False), (1, True), (1, False)]
 
 
 def test_batch_invariance_probe_flags_dynamic_int8_graphs_and_passes_fp32(tiny_pipeline, tmp_path) -> None:

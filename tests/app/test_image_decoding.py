@@ -501,3 +501,24 @@ def test_app_decodes_in_the_decode_thread_pool_not_on_the_event_loop(client, mon
     assert r.status_code == 200, r.text
     assert len(threads) == 1 and threads[0].startswith("decode"), threads
     assert threads[0] != threading.main_thread().name
+
+
+def test_resize_and_crop_in_one_resample_equals_resizing_the_whole_image_then_cropping() -> None:
+    from PIL import Image
+
+    from app.bundle.manifest import ImagePreprocessing
+    from app.preprocessing.image import _RESAMPLE, resize_and_crop
+
+    rng = np.random.default_rng(3)
+    for (w, h), resample in [((640, 480), "bicubic"), ((300, 1000), "bilinear"), ((224, 224), "bicubic"),
+                             ((257, 700), "bicubic"), ((500, 400), "nearest")]:
+        spec = ImagePreprocessing(size=224, resize_size=256, resize=resample, mean=(0.5,) * 3, std=(0.5,) * 3)
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        scale = spec.resize_size / min(w, h)
+        new_w, new_h = max(spec.size, round(w * scale)), max(spec.size, round(h * scale))
+        left, top = (new_w - spec.size) // 2, (new_h - spec.size) // 2
+        whole = img.resize((new_w, new_h), _RESAMPLE[resample]).crop((left, top, left + 224, top + 224))
+        got = resize_and_crop(img, spec)
+        assert got.size == (224, 224)
+        diff = np.abs(np.asarray(got, dtype=np.int16) - np.asarray(whole, dtype=np.int16))
+        assert diff.max() <= 1 and diff.mean() < 0.01, (w, h, resample, diff.max(), diff.mean())
