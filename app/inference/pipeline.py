@@ -92,6 +92,7 @@ class ModelPipeline:
         self.sessions: dict[str, GraphSession] = load_sessions(
             self.bundle_dir, self.manifest, providers=self.providers, precision=self.precision,
             intra_op_threads=settings.resolved_intra_op_threads(), split_threads=split_threads,
+            spinning=settings.intra_op_spinning,
         )
         self.tokenizer = TextTokenizer(
             self.bundle_dir / self.manifest.text.tokenizer_file, self.manifest.text.max_length,

@@ -39,12 +39,15 @@ _NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "
 MIN_TOP1_AGREEMENT = 0.99
 
 SPINNING = False
-"""``session.intra_op.allow_spinning``. Measured (2 intra-op threads each, image and text encoder
-running at the same time as in a classify): spinning on, 25.3 ms per image-encoder call and 16.0 ms
-per text-encoder call; off, 11.4 and 6.6 ms. Alone, off costs nothing measurable (10.2 vs 10.15 ms
-image, 4.9 vs 5.5 ms text). Spinning workers burn the cores the other sessions and the decode pool
-need; earlier, with another process holding one core, spinning doubled even a lone call (24.6 vs
-12.8 ms)."""
+"""``session.intra_op.allow_spinning`` by default (``MMFUSION_INTRA_OP_SPINNING`` overrides).
+
+Alone, spinning helps: one image-encoder call at batch 1 took 7.3 ms spinning against 10.2 ms not
+(2 threads, 2026-11-29; an earlier measurement on a busier machine saw no difference). The server
+runs graphs concurrently, though. With 2 intra-op threads each and both encoders running at once
+as in a classify, spinning gave 25.3 ms per image-encoder call and 16.0 ms per text-encoder call,
+against 11.4 and 6.6 ms off. With spinning for the image encoder only, at 4 and 16 closed-loop
+clients, it gave 62-69 and 70-76 req/s against 73 and 80-90 off (two alternating runs each).
+Spinning workers burn the cores that the other sessions and the decode pool need."""
 
 CPU_ARENA = True
 """``enable_cpu_mem_arena``. Measured on the image encoder (2 threads) over mixed batch sizes 1/8/3/5:
@@ -152,7 +155,7 @@ def intra_op_split(role: str, budget: int) -> int:
     return max(1, budget)
 
 
-def session_options(intra_op_threads: int) -> ort.SessionOptions:
+def session_options(intra_op_threads: int, spinning: bool = SPINNING) -> ort.SessionOptions:
     """The measured CPU settings (module docstring); optimised graphs stay in memory."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -160,7 +163,7 @@ def session_options(intra_op_threads: int) -> ort.SessionOptions:
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.enable_cpu_mem_arena = CPU_ARENA
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if SPINNING else "0")
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     opts.log_severity_level = 3
     return opts
@@ -173,7 +176,7 @@ def provider_options(providers: list[str]) -> list[str | tuple[str, dict[str, st
 
 def load_sessions(
     bundle_dir: Path, manifest: BundleManifest, *, providers: list[str], precision: str, intra_op_threads: int,
-    split_threads: bool = False,
+    split_threads: bool = False, spinning: bool = SPINNING,
 ) -> dict[str, GraphSession]:
     """``split_threads``: the graphs will run concurrently (the server's batchers): divide the
     thread budget with :func:`intra_op_split`. Otherwise (offline, one graph at a time) each
@@ -181,7 +184,7 @@ def load_sessions(
     sessions: dict[str, GraphSession] = {}
     for role, spec in manifest.graphs.items():
         variant = spec.variants[precision]  # type: ignore[index]
-        opts = session_options(intra_op_split(role, intra_op_threads) if split_threads else intra_op_threads)
+        opts = session_options(intra_op_split(role, intra_op_threads) if split_threads else intra_op_threads, spinning)
         try:
             sess = ort.InferenceSession(str(bundle_dir / variant.file), opts, providers=provider_options(providers))
         except Exception as exc:  # ORT raises its own untyped errors for corrupt graphs

@@ -574,6 +574,9 @@ def test_the_server_splits_the_thread_budget_between_concurrent_graphs_and_offli
     options = ModelPipeline(tiny_bundle, settings).sessions["image_encoder"].session.get_session_options()
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     assert options.graph_optimization_level == ort_level_all() and not options.optimized_model_filepath
+    spinning = Settings(bundle=tiny_bundle, intra_op_threads=4, intra_op_spinning=True)
+    for session in ModelPipeline(tiny_bundle, spinning, split_threads=True).sessions.values():
+        assert session.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "1"
 
 
 def ort_level_all():  # type: ignore[no-untyped-def]
