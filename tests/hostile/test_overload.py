@@ -7,7 +7,7 @@ right afterwards is served (>= 95 % ``200``; with a queue of 2 a burst may still
 low latency, and the server's RSS is back within 10 % of where it started.
 
 Client-side latencies are printed but not bounded here: the open-loop load generator shares the 2 CPUs
-with the server, so under overload most of its measured seconds are its own connection-pool queueing.
+with the server, so under overload much of its measured time is its own queueing for a free connection.
 """
 
 from __future__ import annotations
