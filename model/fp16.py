@@ -23,6 +23,7 @@ from pathlib import Path
 
 import onnx
 
+from app.preprocessing.text import TextTokenizer
 from model.quantize import ROLES, Int8Report, Samples, measure_quality
 
 log = logging.getLogger("mmfusion.fp16")
@@ -50,7 +51,7 @@ def convert_graph(src: Path, dst: Path) -> Path:
     return dst
 
 
-def add_fp16_files(graph_dir: Path, fp32_files: dict[str, str], tokenizer: object, samples: Samples,
+def add_fp16_files(graph_dir: Path, fp32_files: dict[str, str], tokenizer: TextTokenizer, samples: Samples,
                    threads: int = 0) -> tuple[dict[str, str], Int8Report]:
     """Convert every graph and measure the fp16 pipeline against fp32 on real samples.
 
@@ -63,7 +64,7 @@ def add_fp16_files(graph_dir: Path, fp32_files: dict[str, str], tokenizer: objec
         name = f"{Path(fp32_files[role]).stem}.fp16.onnx"
         convert_graph(graph_dir / fp32_files[role], graph_dir / name)
         files[role] = name
-    report = measure_quality(graph_dir, fp32_files, files, tokenizer, samples, threads)  # type: ignore[arg-type]
+    report = measure_quality(graph_dir, fp32_files, files, tokenizer, samples, threads)
     log.info("fp16: top-1 agreement %.4f, min embedding cosine %.4f on %d samples", report.top1_agreement,
              report.min_embedding_cosine, report.samples)
     return files, report

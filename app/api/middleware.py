@@ -84,7 +84,6 @@ class BodyLimitMiddleware:
                                      "(MMFUSION_MAX_UPLOAD_BYTES)", close=True)
                     return
         received = 0
-        started = False
 
         async def limited_receive() -> Message:
             nonlocal received
@@ -95,20 +94,29 @@ class BodyLimitMiddleware:
                     raise _TooLarge
             return message
 
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
+        tracked = TrackedSend(send)
         try:
-            await self.app(scope, limited_receive, tracking_send)
+            await self.app(scope, limited_receive, tracked)
         except _TooLarge:
-            if started:
+            if tracked.started:
                 raise
             await send_error(send, 413, "payload_too_large",
                              f"request body is over the limit of {limit} bytes (MMFUSION_MAX_UPLOAD_BYTES)",
                              close=True)
+
+
+class TrackedSend:
+    """``send`` that remembers whether the response has started: until then a middleware may still
+    answer with its own JSON error; after that it can only let the failure propagate."""
+
+    def __init__(self, send: Send):
+        self._send = send
+        self.started = False
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.started = True
+        await self._send(message)
 
 
 def _valid_request_id(value: str) -> bool:

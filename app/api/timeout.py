@@ -19,9 +19,9 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.api.middleware import send_error
+from app.api.middleware import TrackedSend, send_error
 
 log = logging.getLogger("mmfusion.api")
 
@@ -37,19 +37,12 @@ class TimeoutMiddleware:
         if scope["type"] != "http" or self.timeout_s <= 0:
             await self.app(scope, receive, send)
             return
-        started = False
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
+        tracked = TrackedSend(send)
         try:
             async with asyncio.timeout(self.timeout_s):
-                await self.app(scope, receive, tracking_send)
+                await self.app(scope, receive, tracked)
         except TimeoutError:
-            if started:
+            if tracked.started:
                 log.error("request %s %s passed its %.3g s deadline while its response was being sent",
                           scope.get("method"), scope.get("path"), self.timeout_s)
                 raise

@@ -37,11 +37,8 @@ async def decode(state: ServiceState, data: bytes, field: str = "image") -> np.n
     # Every decoded image goes to the image encoder next: when its queue is already full, refuse now
     # rather than spend a decode on a request the queue will refuse anyway (under 4x overload the
     # wasted decodes took CPU from the admitted requests).
-    image_queue = pipeline.batched.image if pipeline.batched is not None else None
-    if image_queue is not None and image_queue.depth >= image_queue.config.max_queue_size:
-        metrics.REJECTED.labels(graph="image_encoder").inc()
-        raise OverloadedError(f"the image_encoder queue is full ({image_queue.depth} requests waiting); retry shortly",
-                              retry_after_s=image_queue.retry_after_s())
+    if pipeline.batched is not None:
+        pipeline.batched.image.refuse_if_full()
     fn = functools.partial(decode_image, data, pipeline.manifest.image,
                            max_pixels=state.settings.max_image_pixels, field=field)
     state.pending_decodes += 1
