@@ -46,6 +46,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     MMFUSION_BUNDLE=/models/default \
     MMFUSION_INDEX_PATH=/data/index \
+    MMFUSION_TRT_CACHE_DIR=/data/trt-cache \
     MMFUSION_HOST=0.0.0.0 \
     MMFUSION_PORT=8000
 COPY --from=wheel /wheels /wheels

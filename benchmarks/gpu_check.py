@@ -12,7 +12,11 @@ and runs this file in it. What it does:
    abs difference per output; fp32 must agree to 1e-3 cosine, fp16 to 1e-2);
 4. times each graph at batch 1/8/32 two ways: ``run`` with host numpy in and out (what the server
    does) and IO binding with device-resident inputs/outputs (the kernel time without PCIe copies);
-5. times the classify pipeline (``ModelPipeline.classify``) at batch 1/8/32 per precision.
+5. times the classify pipeline (``ModelPipeline.classify``) at batch 1/8/32 per precision;
+6. where ONNX Runtime offers the TensorRT provider (it needs the TensorRT libraries, which the serving
+   install does not bring), the same pipeline through ``TensorrtExecutionProvider`` as the server
+   configures it (``app.inference.tensorrt``: one profile per graph, engine cache), its start-up time
+   (engine builds) and its probabilities' agreement with the CUDA pipeline; otherwise why not.
 
 Exit status 0 when every parity check passes, 1 otherwise, 2 without a GPU. JSON goes to
 ``benchmarks/results/gpu-check.json``.
@@ -40,11 +44,12 @@ if str(REPO_ROOT) not in sys.path:
 from app.bundle.verify import load_bundle_manifest  # noqa: E402
 from app.core.config import Settings  # noqa: E402
 from app.inference.pipeline import ModelPipeline  # noqa: E402
+from app.inference.runtime import CUDA_OPTIONS  # noqa: E402
+from app.inference.tensorrt import PROVIDER as TENSORRT  # noqa: E402
 from app.preprocessing.text import TextTokenizer  # noqa: E402
 
 QUESTIONS = ("what color is the circle?", "how many shapes are in the image?", "is there a large triangle?",
              "what shape is the small orange object?")
-CUDA_OPTIONS = {"cudnn_conv_algo_search": "HEURISTIC", "do_copy_in_default_stream": "1"}
 MIN_COSINE = {"fp32": 0.999, "fp16": 0.99}
 NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
             "tensor(int32)": np.int32}
@@ -150,6 +155,51 @@ def iobinding_call(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], dev
     return call
 
 
+def tensorrt_pipeline(bundle: Path, precision: str, batches: list[int], args: argparse.Namespace,
+                      cuda_pipe: ModelPipeline, cpu: dict[str, ort.InferenceSession], result: dict[str, Any]) -> bool:
+    """The classify pipeline on TensorRT as the server configures it; False only on a parity failure."""
+    entry: dict[str, Any] = {"precision": precision}
+    result.setdefault("tensorrt", []).append(entry)
+    if TENSORRT not in ort.get_available_providers():
+        entry["skipped"] = f"this ONNX Runtime has no {TENSORRT}"
+        print(f"{precision} tensorrt: skipped ({entry['skipped']})")
+        return True
+    settings = Settings(bundle=bundle, providers=f"{TENSORRT},CUDAExecutionProvider", precision=precision,
+                        text_cache_size=0, max_client_batch=max(batches), index_path=Path(tempfile.mkdtemp()) / "x",
+                        trt_cache_dir=args.out.parent / "trt-cache")
+    start = time.perf_counter()
+    try:
+        pipe = ModelPipeline(bundle, settings)
+        pipe.warmup()
+    except Exception as exc:  # missing libnvinfer, unsupported graph: report it, the CUDA figures stand
+        entry["skipped"] = f"{type(exc).__name__}: {exc}"
+        print(f"{precision} tensorrt: could not start ({entry['skipped']})")
+        return True
+    entry["start_s"] = round(time.perf_counter() - start, 2)
+    entry["active_providers"] = pipe.active_providers
+    if TENSORRT not in pipe.active_providers:
+        entry["skipped"] = f"ONNX Runtime fell back to {pipe.active_providers} (TensorRT libraries missing?)"
+        print(f"{precision} tensorrt: {entry['skipped']}")
+        return True
+    ok = True
+    entry["batches"] = []
+    for batch in batches:
+        pixels = inputs(bundle, batch, cpu)["image_encoder"]["pixel_values"]
+        texts = [QUESTIONS[i % len(QUESTIONS)] for i in range(batch)]
+        cos = cosine_min(cuda_pipe.classify(pixels, texts)[0], pipe.classify(pixels, texts)[0])
+        passed = cos >= MIN_COSINE[precision]
+        ok &= passed
+        t = timed(lambda p=pixels, x=texts, m=pipe: m.classify(p, x), args.seconds, batch)
+        entry["batches"].append({"batch": batch, "min_cosine_vs_cuda": round(cos, 6), "pass": passed, **t})
+        result["parity"].append({"precision": precision, "batch": batch, "graph": "pipeline(tensorrt vs cuda)",
+                                 "output": "probabilities", "min_cosine": round(cos, 6), "max_abs_diff": None,
+                                 "pass": passed})
+        print(f"{precision} tensorrt pipeline batch {batch:3d}: {t['median_ms']:8.3f} ms ({t['items_per_s']:9.1f}/s)"
+              f"  cosine vs CUDA {cos:.6f}")
+    print(f"{precision} tensorrt: ready in {entry['start_s']} s (engine builds; cached in {settings.trt_cache_dir})")
+    return ok
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     DRY_RUN["on"] = args.dry_run_on_cpu
@@ -212,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
             result["pipeline"].append({"precision": precision, "batch": batch, "active_providers":
                                        pipe.active_providers, **t})
             print(f"{precision} pipeline      batch {batch:3d}: {t['median_ms']:8.3f} ms ({t['items_per_s']:9.1f}/s)")
+        if not DRY_RUN["on"]:
+            ok &= tensorrt_pipeline(bundle, precision, batches, args, pipe, cpu, result)
     failed = [p for p in result["parity"] if not p["pass"]]
     for p in failed:
         print(f"PARITY FAIL {p['precision']} {p['graph']}.{p['output']} batch {p['batch']}: cosine {p['min_cosine']} "

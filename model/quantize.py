@@ -2,8 +2,10 @@
 
 Why per graph and why measured: INT8 is not one thing. On CPUs, dynamic quantization of a CNN
 (``ConvInteger``) is a trap (FIELD-NOTES: 6-18x slower than fp32 and features at cosine 0.885),
-while static QDQ with calibrated activation ranges is fast, and faithful on CPUs with VNNI, but
-*not* on x86 CPUs without it (U8S8 saturation, see ``candidates_for``); transformer/LSTM text
+while static QDQ with calibrated activation ranges is fast, but whether it is faithful depends on
+the model *and* the CPU (x86 without VNNI saturates U8S8 products, see ``candidates_for``; and the
+default bundle's EfficientNet-Lite0 + attention-pooled embedding stays below the embedding gate even
+as exact fake-quant arithmetic, README "INT8"); transformer/LSTM text
 encoders are the opposite (dynamic per-channel INT8 is fast and accurate, no calibration data
 needed); and a small fusion head may gain nothing from INT8 at all. So each graph gets the
 candidates that can work for its kind, every candidate is measured on this CPU (speed at batch 1

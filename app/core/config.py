@@ -50,6 +50,11 @@ class Settings(BaseSettings):
         description="ONNX Runtime execution providers, comma separated, or 'auto' (CUDA if available, else CPU).",
     )
     precision: Literal["auto", "fp32", "fp16", "int8"] = "auto"
+    trt_cache_dir: Path = Field(
+        default=Path("data/trt-cache"),
+        description="TensorRT engine and timing caches (only with MMFUSION_PROVIDERS=TensorrtExecutionProvider,...): "
+        "a restart loads the built engines instead of rebuilding them. Must be writable.",
+    )
     intra_op_threads: int = Field(
         default=0, ge=0,
         description="ONNX Runtime intra-op thread budget, 0 = the CPUs the container may use. The server splits "

@@ -26,6 +26,8 @@ from app.bundle.manifest import BundleManifest
 from app.bundle.verify import load_bundle_manifest
 from app.core.config import Settings
 from app.inference.runtime import GraphSession, choose_precision, load_sessions, resolve_providers
+from app.inference.tensorrt import PROVIDER as TENSORRT
+from app.inference.tensorrt import TensorRTConfig
 from app.inference.text_cache import TextCache
 from app.preprocessing.text import TextTokenizer
 
@@ -92,15 +94,16 @@ class ModelPipeline:
         self.sessions: dict[str, GraphSession] = load_sessions(
             self.bundle_dir, self.manifest, providers=self.providers, precision=self.precision,
             intra_op_threads=settings.resolved_intra_op_threads(), split_threads=split_threads,
-            spinning=settings.intra_op_spinning,
+            spinning=settings.intra_op_spinning, tensorrt=self._tensorrt_config(settings),
         )
         self.tokenizer = TextTokenizer(
             self.bundle_dir / self.manifest.text.tokenizer_file, self.manifest.text.max_length,
             self.manifest.text.pad_id,
         )
         active = sorted({p for s in self.sessions.values() for p in s.session.get_providers()})
-        if "CUDAExecutionProvider" in self.providers and "CUDAExecutionProvider" not in active:
-            log.error("CUDA was requested but ONNX Runtime fell back to CPU for every graph")
+        for gpu in ("CUDAExecutionProvider", TENSORRT):
+            if gpu in self.providers and gpu not in active:
+                log.error("%s was requested but ONNX Runtime did not use it for any graph (active: %s)", gpu, active)
         self.active_providers = active
         self.text_cache = TextCache(settings.text_cache_size)
         # The server's batching front, set by the app's lifespan (None for offline users).
@@ -109,6 +112,14 @@ class ModelPipeline:
         self._token_outputs = {
             t.name for t in self.manifest.graphs["text_encoder"].outputs if len(t.shape) == 3
         }
+
+    def _tensorrt_config(self, settings: Settings) -> TensorRTConfig | None:
+        if TENSORRT not in self.providers:
+            return None
+        return TensorRTConfig(
+            cache_dir=settings.trt_cache_dir, max_batch=max(settings.max_batch_size, settings.max_client_batch),
+            max_tokens=self.manifest.text.max_length, fp16=self.precision == "fp16",
+        )
 
     # -- encoders -------------------------------------------------------------------------
     def encode_images(self, pixel_values: np.ndarray, *, shrink_arena: bool = False) -> dict[str, np.ndarray]:

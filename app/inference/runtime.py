@@ -17,6 +17,9 @@ Every setting below was chosen by a measurement (default bundle: EfficientNet-Li
   with the compute stream: no extra synchronisation). IO binding is not used: the batcher feeds
   numpy arrays that come from the CPU (decode, tokenizer) and goes back to the CPU (JSON), so
   binding would save one allocation per call at most; unmeasured here (no GPU), so not added.
+* TensorRT: opt-in through ``MMFUSION_PROVIDERS``, with one optimisation profile per graph and
+  engine/timing caches (``app.inference.tensorrt``); CUDA is put right after it for the nodes
+  TensorRT refuses.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ import onnxruntime as ort
 from app.bundle.manifest import BundleManifest, GraphSpec
 from app.core import metrics
 from app.core.errors import BundleError
+from app.inference.tensorrt import PROVIDER as TENSORRT
+from app.inference.tensorrt import TensorRTConfig, prepare_cache_dir, tensorrt_options
 
 log = logging.getLogger("mmfusion.runtime")
 
@@ -85,6 +90,10 @@ def resolve_providers(requested: str) -> list[str]:
             "requested ONNX Runtime providers %s are not available (available: %s); using CPU", missing, available
         )
     chosen = [p for p in wanted if p in available]
+    if TENSORRT in chosen and "CUDAExecutionProvider" in available and "CUDAExecutionProvider" not in chosen:
+        # TensorRT refuses some nodes (e.g. dynamic INT8's DynamicQuantizeLinear); without CUDA next in line,
+        # ONNX Runtime would run those on the CPU and copy tensors back and forth.
+        chosen.insert(chosen.index(TENSORRT) + 1, "CUDAExecutionProvider")
     return chosen if "CPUExecutionProvider" in chosen else [*chosen, "CPUExecutionProvider"]
 
 
@@ -95,7 +104,7 @@ def choose_precision(manifest: BundleManifest, requested: str, providers: list[s
         if requested not in available:
             raise BundleError(f"MMFUSION_PRECISION={requested} but the bundle only has {available}")
         return requested
-    on_gpu = "CUDAExecutionProvider" in providers
+    on_gpu = "CUDAExecutionProvider" in providers or TENSORRT in providers
     preference = ["fp16", "fp32"] if on_gpu else ["int8", "fp32"]
     for precision in preference:
         if precision not in available:
@@ -169,24 +178,43 @@ def session_options(intra_op_threads: int, spinning: bool = SPINNING) -> ort.Ses
     return opts
 
 
-def provider_options(providers: list[str]) -> list[str | tuple[str, dict[str, str]]]:
-    """Providers with their options: CUDA gets :data:`CUDA_OPTIONS`, the others their defaults."""
-    return [(p, dict(CUDA_OPTIONS)) if p == "CUDAExecutionProvider" else p for p in providers]
+def provider_options(
+    providers: list[str], spec: GraphSpec | None = None, trt: TensorRTConfig | None = None
+) -> list[str | tuple[str, dict[str, str]]]:
+    """Providers with their options: CUDA gets :data:`CUDA_OPTIONS`, TensorRT the profiles and caches of
+    ``app.inference.tensorrt`` for this graph (``spec`` and ``trt`` are then required), others their defaults."""
+    out: list[str | tuple[str, dict[str, str]]] = []
+    for p in providers:
+        if p == "CUDAExecutionProvider":
+            out.append((p, dict(CUDA_OPTIONS)))
+        elif p == TENSORRT:
+            if spec is None or trt is None:
+                raise ValueError("TensorRT needs the graph's spec and a TensorRTConfig (profile shapes, engine cache)")
+            out.append((p, tensorrt_options(spec, trt)))
+        else:
+            out.append(p)
+    return out
 
 
 def load_sessions(
     bundle_dir: Path, manifest: BundleManifest, *, providers: list[str], precision: str, intra_op_threads: int,
-    split_threads: bool = False, spinning: bool = SPINNING,
+    split_threads: bool = False, spinning: bool = SPINNING, tensorrt: TensorRTConfig | None = None,
 ) -> dict[str, GraphSession]:
     """``split_threads``: the graphs will run concurrently (the server's batchers): divide the
     thread budget with :func:`intra_op_split`. Otherwise (offline, one graph at a time) each
-    session gets the whole budget."""
+    session gets the whole budget. ``tensorrt``: required when ``providers`` has TensorRT."""
+    if TENSORRT in providers:
+        if tensorrt is None:
+            raise ValueError("the TensorRT provider needs a TensorRTConfig")
+        prepare_cache_dir(tensorrt)
     sessions: dict[str, GraphSession] = {}
     for role, spec in manifest.graphs.items():
         variant = spec.variants[precision]  # type: ignore[index]
         opts = session_options(intra_op_split(role, intra_op_threads) if split_threads else intra_op_threads, spinning)
         try:
-            sess = ort.InferenceSession(str(bundle_dir / variant.file), opts, providers=provider_options(providers))
+            sess = ort.InferenceSession(
+                str(bundle_dir / variant.file), opts, providers=provider_options(providers, spec, tensorrt)
+            )
         except Exception as exc:  # ORT raises its own untyped errors for corrupt graphs
             raise BundleError(f"bundle {bundle_dir}: ONNX Runtime cannot load {variant.file}: {exc}") from None
         declared = {t.name for t in spec.inputs}

@@ -543,6 +543,7 @@ def manifest_with(tiny_bundle, variants: tuple[str, ...], quality: dict[str, flo
     (("int8", "fp16"), {"int8": 1.0, "fp16": 1.0}, ["CPUExecutionProvider"], "int8"),  # fp16 is GPU-only
     (("int8", "fp16"), {"int8": 1.0, "fp16": 1.0}, ["CUDAExecutionProvider", "CPUExecutionProvider"], "fp16"),
     (("int8", "fp16"), {"int8": 1.0, "fp16": 0.9}, ["CUDAExecutionProvider", "CPUExecutionProvider"], "fp32"),
+    (("int8", "fp16"), {"int8": 1.0, "fp16": 1.0}, ["TensorrtExecutionProvider", "CPUExecutionProvider"], "fp16"),
 ])
 def test_auto_precision_is_the_fastest_variant_with_recorded_top1_agreement_of_at_least_099(
     tiny_bundle, variants, quality, providers, expected

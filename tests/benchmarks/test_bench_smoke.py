@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from benchmarks.run import main
 
 
@@ -102,3 +104,27 @@ def test_closed_loop_stretches_the_window_for_a_slow_server_and_counts_only_answ
     errors = asyncio.run(closed_loop(failing, 2, warmup_s=0.0, duration_s=0.1, min_completed=1))
     assert errors["completed"] == 0 and errors["errors"] > 0 and set(errors["errors_by_status"]) == {"503"}
     assert errors["throughput_rps"] == 0 and errors["p50_ms"] is None
+
+
+def test_gpu_check_reports_why_the_tensorrt_pipeline_did_not_run(tiny_bundle: Path, tmp_path: Path, monkeypatch):
+    """Without TensorRT the CUDA figures stand and the JSON says why TensorRT is missing: not offered by
+    ONNX Runtime at all, or offered but fallen back from (its libraries absent), as on this CPU build."""
+    import argparse
+
+    from app.core.config import Settings
+    from app.inference.pipeline import ModelPipeline
+    from benchmarks import gpu_check
+
+    args = argparse.Namespace(out=tmp_path / "gpu.json", seconds=0.0)
+    cpu_pipe = ModelPipeline(tiny_bundle, Settings(bundle=tiny_bundle, providers="CPUExecutionProvider"))
+    result: dict = {"parity": []}
+    no_trt = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(gpu_check.ort, "get_available_providers", lambda: no_trt)
+    assert gpu_check.tensorrt_pipeline(tiny_bundle, "fp32", [1], args, cpu_pipe, {}, result) is True
+    assert "has no TensorrtExecutionProvider" in result["tensorrt"][0]["skipped"]
+    offered = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(gpu_check.ort, "get_available_providers", lambda: offered)
+    with pytest.warns(UserWarning):
+        assert gpu_check.tensorrt_pipeline(tiny_bundle, "fp32", [1], args, cpu_pipe, {}, result) is True
+    assert "fell back to ['CPUExecutionProvider']" in result["tensorrt"][1]["skipped"]
+    assert (tmp_path / "trt-cache").is_dir() and result["parity"] == []
