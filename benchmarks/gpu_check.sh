@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # GPU path check (issue 5, item 6). On a machine with an NVIDIA GPU: a venv with only the serving
 # install + onnxruntime-gpu (no torch), then benchmarks/gpu_check.py (CUDA EP fp32/fp16, parity vs
-# CPU, latency/throughput per graph at batch 1/8/32 and the classify pipeline).
+# CPU, latency/throughput per graph at batch 1/8/32 and the classify pipeline; TensorRT where offered).
 #   benchmarks/gpu_check.sh [--bundle models/default] [--batches 1,8,32]
+#   GPU_CHECK_TENSORRT='tensorrt-cu12-libs==10.*' benchmarks/gpu_check.sh   # also try the TensorRT provider
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
@@ -18,4 +19,13 @@ test -x "$VENV/bin/python" || "$PY" -m venv "$VENV"
 "$VENV/bin/python" -m pip uninstall -q -y onnxruntime
 "$VENV/bin/python" -m pip install --disable-pip-version-check -q --force-reinstall --no-deps onnxruntime-gpu
 "$VENV/bin/python" -c "import importlib.util as u; assert u.find_spec('torch') is None, 'torch in the GPU serving venv'"
+# TensorRT (optional): its libraries are not part of the serving install. GPU_CHECK_TENSORRT names the
+# pip requirement that matches this onnxruntime-gpu's TensorRT major version (see ONNX Runtime's
+# TensorRT EP requirements table), e.g. GPU_CHECK_TENSORRT='tensorrt-cu12-libs==10.*'; gpu_check.py then
+# also times the pipeline through TensorrtExecutionProvider, or records why it could not start.
+if [ -n "${GPU_CHECK_TENSORRT:-}" ]; then
+    "$VENV/bin/python" -m pip install --disable-pip-version-check -q "$GPU_CHECK_TENSORRT"
+    TRT_LIBS="$("$VENV/bin/python" -c 'import os, tensorrt_libs; print(os.path.dirname(tensorrt_libs.__file__))' 2>/dev/null || true)"
+    if [ -n "$TRT_LIBS" ]; then export LD_LIBRARY_PATH="$TRT_LIBS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"; fi
+fi
 exec "$VENV/bin/python" benchmarks/gpu_check.py "$@"

@@ -28,7 +28,7 @@ import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -93,6 +93,9 @@ class Int8Options:
     """Minimum measuring time per (graph, batch size) after warm-up."""
     threads: int = 0
     """Intra-op threads for measuring speed; 0 = the CPUs this process may use (as the server)."""
+    skip: Mapping[str, str] = field(default_factory=dict)
+    """Graphs not searched (role -> why): their int8 variant is the fp32 file and the reason is recorded.
+    For a graph whose candidates are already known to fail, so a bounded build need not re-measure them."""
 
 
 @dataclass
@@ -603,6 +606,10 @@ def quantize_graphs(
         work = Path(tmp)
         for role in ROLES:
             ops = op_census(fp32_paths[role])
+            if role in options.skip:
+                reports[role] = GraphReport(role, ops, reason=f"not searched: {options.skip[role]}")
+                say(f"  {role:<13} not searched: {options.skip[role]}")
+                continue
             fp32_sess = fp32_runner.sessions[role]
             sel_feeds = graph_feeds(role, select, tokenizer, fp32_runner)
             b1, b8 = _bench_feeds(sel_feeds)

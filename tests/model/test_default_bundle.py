@@ -117,3 +117,26 @@ def test_server_loads_the_pretrained_bundle_and_classifies_over_its_labels(
     assert body["labels"] == manifest.labels
     hits = pretrained_client.post("/v1/search", json={"text": "a large red circle", "k": 3})
     assert hits.status_code == 200, hits.text
+
+
+def test_the_default_bundle_carries_int8_and_fp16_with_their_measured_quality(pretrained_bundle: Path) -> None:
+    """What `make serve` builds has the precision variants the server chooses from (int8 on CPU,
+    fp16 on CUDA), each with recorded quality, and says why the image encoder was not searched."""
+    import json
+
+    from app.inference.runtime import choose_precision
+    from model.default_bundle import IMAGE_ENCODER_INT8
+
+    manifest = load_bundle_manifest(pretrained_bundle)
+    assert set(manifest.precisions()) == {"fp32", "int8", "fp16"}
+    for precision in ("int8", "fp16"):
+        quality = manifest.quality[precision]  # type: ignore[index]
+        assert quality.top1_agreement is not None and 0.0 <= quality.top1_agreement <= 1.0
+    image = manifest.graphs["image_encoder"]
+    assert image.variants["int8"].file == image.variants["fp32"].file  # type: ignore[index]
+    assert image.variants["fp16"].file != image.variants["fp32"].file  # type: ignore[index]
+    report = json.loads((pretrained_bundle / "quantization.json").read_text())
+    assert report["graphs"]["image_encoder"]["reason"] == f"not searched: {IMAGE_ENCODER_INT8}"
+    assert report["graphs"]["text_encoder"]["candidates"], "the text encoder's INT8 candidates were measured"
+    expected_gpu = "fp16" if manifest.quality["fp16"].top1_agreement >= 0.99 else "fp32"  # type: ignore[index]
+    assert choose_precision(manifest, "auto", ["CUDAExecutionProvider", "CPUExecutionProvider"]) == expected_gpu

@@ -31,7 +31,7 @@ from app.api.payload import (
     read_payload,
 )
 from app.api.routes.classify import error_detail, json_body, read_json_items, validate_item
-from app.api.routes.search import SOURCE_KEY, embed_mixed_batched, public_metadata
+from app.api.routes.search import SOURCE_KEY, embed_mixed_batched, embed_one, public_metadata
 from app.api.schemas import (
     ITEM_ID_DESCRIPTION,
     BundleIdentity,
@@ -148,20 +148,15 @@ async def add_item(request: Request, response: Response, state: State, principal
         raise InvalidFieldError("send an image, a text, or both", field="image")
     user = client_metadata(payload.fields.get("metadata"))
     timings = Timings()
-    pixels = None
-    if payload.image is not None:
-        t = time.perf_counter()
-        pixels = await decode(state, payload.image)
-        timings.add("decode", t)
-    vectors, kinds, truncated = await embed_mixed_batched(encoders, [pixels], [text], timings)
-    metadata = stored_metadata(item_id, user, kinds[0])
+    vector, kind, truncated = await embed_one(state, encoders, payload.image, text, timings)
+    metadata = stored_metadata(item_id, user, kind)
     t = time.perf_counter()
-    created = await infer(lambda: index.add(item_id, vectors[0], text=text, metadata=metadata))
+    created = await infer(lambda: index.add(item_id, vector, text=text, metadata=metadata))
     timings.add("index_write", t)
     count = index.count
     _audit(principal, "add", [item_id], count)
     response.status_code = 201 if created else 200
-    return IndexWriteResponse(id=item_id, created=created, embedded_from=kinds[0], truncated=truncated[0],
+    return IndexWriteResponse(id=item_id, created=created, embedded_from=kind, truncated=truncated,
                               count=count, model=state.model_ref(), timings_ms=timings.stages)
 
 

@@ -24,7 +24,7 @@ from app.api.payload import (
     read_payload,
 )
 from app.api.schemas import ErrorResponse, SearchHit, SearchJSONRequest, SearchResponse
-from app.api.state import State
+from app.api.state import ServiceState, State
 from app.api.work import batched, decode, infer
 from app.core.errors import InvalidFieldError
 from app.inference.batched import BatchedPipeline
@@ -160,6 +160,19 @@ async def embed_mixed_batched(
     return _assemble(len(pixels), dim, image_rows, image_emb, text_rows, text_emb, flags)
 
 
+async def embed_one(state: ServiceState, encoders: BatchedPipeline, image: bytes | None, text: str | None,
+                    timings: Timings) -> tuple[np.ndarray, str, bool]:
+    """One query or item (an image, a text, or both) -> its unit vector, what it was embedded from, and
+    whether the text was truncated: decoded in the decode pool, then through the batchers."""
+    pixels = None
+    if image is not None:
+        t = time.perf_counter()
+        pixels = await decode(state, image)
+        timings.add("decode", t)
+    vectors, kinds, truncated = await embed_mixed_batched(encoders, [pixels], [text], timings)
+    return vectors[0], kinds[0], truncated[0]
+
+
 def public_metadata(metadata: dict | None) -> dict:
     """Item metadata as clients see it: without the reserved ``_source`` record."""
     return {k: v for k, v in (metadata or {}).items() if k != SOURCE_KEY}
@@ -204,19 +217,14 @@ async def search(request: Request, state: State) -> SearchResponse:
     k = _parse_k(payload.fields.get("k"), state.settings.max_top_k)
     flt = _parse_filter(payload.fields.get("filter"))
     timings = Timings()
-    pixels = None
-    if payload.image is not None:
-        t = time.perf_counter()
-        pixels = await decode(state, payload.image)
-        timings.add("decode", t)
-    vectors, kinds, _ = await embed_mixed_batched(encoders, [pixels], [text], timings)
+    vector, kind, _ = await embed_one(state, encoders, payload.image, text, timings)
     t = time.perf_counter()
-    hits = (await infer(index.search, vectors[0], k, flt))[0]
+    hits = (await infer(index.search, vector, k, flt))[0]
     timings.add("index_search", t)
     return SearchResponse(
         hits=[SearchHit(id=h.id, score=float(h.score), text=h.text, metadata=public_metadata(h.metadata))
               for h in hits],
-        query=kinds[0],
+        query=kind,
         model=state.model_ref(),
         timings_ms=timings.stages,
     )
