@@ -83,7 +83,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         pipeline = ModelPipeline(settings.bundle, settings, split_threads=True)
         if settings.warmup:
             pipeline.warmup()
-        batched = BatchedPipeline(pipeline, batching_config(settings))
+        batched = BatchedPipeline(pipeline, batching_config(settings), image_instances=settings.image_encoder_instances)
         pipeline.batched = batched
         state.pipeline = pipeline
         open_index(state, pipeline)

@@ -105,6 +105,11 @@ class Settings(BaseSettings):
         description="Deadline for a whole request (body upload included): past it the request is cancelled "
         "(dropped from the batching queue if still waiting) and answered 504 'timeout'. 0 = no deadline.",
     )
+    image_encoder_instances: int = Field(
+        default=1, ge=1, le=16,
+        description="Inference threads of the image encoder on its one queue (Triton's instance_group count): with "
+        "2, the next batch starts while one runs. 2 CPU cores, 16 clients: +5-8% req/s, worse p99; default 1.",
+    )
     text_cache_size: int = Field(
         default=1024, ge=0,
         description="LRU cache of text-encoder outputs keyed by token ids, in entries (0 = off). "

@@ -53,7 +53,8 @@ def _concat(parts: Sequence[ImageOutputs]) -> ImageOutputs:
 class BatchedPipeline:
     """Async front of a :class:`ModelPipeline`: three :class:`GraphBatcher` (one thread each)."""
 
-    def __init__(self, pipeline: ModelPipeline, config: BatchingConfig):
+    def __init__(self, pipeline: ModelPipeline, config: BatchingConfig, *, image_instances: int = 1):
+        """``image_instances``: inference threads of the image encoder (``MMFUSION_IMAGE_ENCODER_INSTANCES``)."""
         self.pipeline = pipeline
         self.config = config
         # A graph whose rows depend on their batch-mates (dynamic INT8: one activation scale per batch)
@@ -66,7 +67,8 @@ class BatchedPipeline:
         self._closing = False
         self._idle = asyncio.Event()
         self.image: GraphBatcher[np.ndarray, ImageOutputs] = GraphBatcher(
-            "image_encoder", self._run_images, config, on_idle=lambda: self._shrink_if_grown("image_encoder"))
+            "image_encoder", self._run_images, config, on_idle=lambda: self._shrink_if_grown("image_encoder"),
+            instances=image_instances)
         self.text: GraphBatcher[list[str], list[TextRow]] = GraphBatcher(
             "text_encoder", self._run_texts, config, on_idle=lambda: self._shrink_if_grown("text_encoder"))
         self.fusion: GraphBatcher[FusionPayload, np.ndarray] = GraphBatcher(

@@ -258,6 +258,63 @@ def test_close_runs_everything_already_queued_then_refuses_new_requests() -> Non
     assert rec.batches == [["a"], ["b"], ["c"]]
 
 
+class Gate:
+    """A fake graph whose calls each block until released, recording how many run at once."""
+
+    def __init__(self) -> None:
+        self.running = 0
+        self.most = 0
+        self.lock = threading.Lock()
+        self.release = threading.Event()
+
+    def __call__(self, payloads: Sequence[object]) -> list[object]:
+        with self.lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        try:
+            assert self.release.wait(10), "test never released the graph"
+            return [f"done:{p}" for p in payloads]
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+@pytest.mark.parametrize("instances", [1, 2])
+def test_with_two_instances_the_next_batch_runs_while_one_is_still_running(instances: int) -> None:
+    gate = Gate()
+    batcher = GraphBatcher("unit", gate, BatchingConfig(max_batch_size=1, max_queue_size=8), instances=instances)
+
+    async def main() -> list[object]:
+        tasks = [asyncio.ensure_future(batcher.submit(x)) for x in "abc"]
+        await wait_until(lambda: gate.running == instances and batcher.depth == 3 - instances)
+        await asyncio.sleep(0.05)  # room for a wrong extra start to show
+        assert gate.running == instances
+        gate.release.set()
+        return await asyncio.gather(*tasks)
+
+    try:
+        assert asyncio.run(main()) == ["done:a", "done:b", "done:c"]
+    finally:
+        batcher.close()
+    assert gate.most == instances
+    assert sum(t.name.startswith("infer-unit") for t in threading.enumerate()) == 0  # close stopped them all
+
+
+def test_instances_below_one_are_refused() -> None:
+    with pytest.raises(ValueError, match="instances must be >= 1"):
+        GraphBatcher("unit", Gate(), BatchingConfig(), instances=0)
+
+
+def test_the_server_runs_the_image_encoder_on_the_configured_number_of_instances(settings, tiny_config) -> None:
+    with TestClient(create_app(settings.model_copy(update={"image_encoder_instances": 2}))) as client:
+        names = {t.name for t in threading.enumerate()}
+        assert {"infer-image_encoder", "infer-image_encoder-1", "infer-text_encoder"} <= names
+        assert "infer-text_encoder-1" not in names
+        r = client.post("/v1/classify", files={"image": ("a.png", demo_png(tiny_config.demo_dir), "image/png")},
+                        data={"text": MEDIUM})
+        assert r.status_code == 200, r.text
+
+
 # --------------------------------------------------------------------------------------------------
 # Merging real requests changes no result (tiny bundle)
 # --------------------------------------------------------------------------------------------------
