@@ -211,17 +211,31 @@ def start_uvicorn(
         env=env, stdout=stdout, stderr=stderr,
     )
     url = f"http://{LOOPBACK}:{port}"
-    deadline = time.monotonic() + ready_timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            stream = proc.stderr if proc.stderr is not None else proc.stdout
-            output = stream.read().decode()[-2000:] if stream is not None else ""
-            raise RuntimeError(f"server exited at start: {output}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError(f"server did not become ready in {ready_timeout_s:.0f} s")
+
+    def output() -> str:
+        stream = proc.stderr if proc.stderr is not None else proc.stdout
+        return stream.read().decode()[-2000:] if stream is not None else ""
+
+    if not wait_ready(proc, f"{url}/readyz", ready_timeout_s):
+        proc.kill()
+        raise RuntimeError(f"server did not become ready in {ready_timeout_s:.0f} s")
+    if proc.poll() is not None:
+        raise RuntimeError(f"server exited at start: {output()}")
+    return proc, url
+
+
+def wait_ready(proc: subprocess.Popen, ready_url: str, timeout_s: float, poll_s: float = 0.05) -> bool:
+    """Poll ``ready_url`` until it answers 200 (True), the process exits (True: the caller checks
+    ``proc.poll()``), or ``timeout_s`` passes (False). The one readiness loop of every starter here."""
+    deadline = time.monotonic() + timeout_s
+    with httpx.Client(timeout=2.0) as client:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                return True
+            try:
+                if client.get(ready_url).status_code == 200:
+                    return True
+            except httpx.HTTPError:
+                pass
+            time.sleep(poll_s)
+    return False

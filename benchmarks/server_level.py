@@ -33,7 +33,7 @@ from typing import Any
 import httpx
 import psutil
 
-from benchmarks.common import REPO_ROOT, free_port, percentiles_ms
+from benchmarks.common import REPO_ROOT, free_port, percentiles_ms, wait_ready
 from benchmarks.load_client import LoadClient
 
 LOAD_CLIENTS = ("raw", "httpx")  # raw: benchmarks/load_client.py (default); httpx: for comparison
@@ -142,19 +142,12 @@ class ServerProcess:
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(self.cmd, env={**os.environ, **self.env}, cwd=REPO_ROOT,
                                          stdout=log, stderr=subprocess.STDOUT)
-        deadline = t0 + timeout_s
-        with httpx.Client(timeout=2.0) as client:
-            while time.perf_counter() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"{self.name} exited with {self.proc.returncode}: {self.log_tail()}")
-                try:
-                    if client.get(self.base_url + self.ready_path).status_code == 200:
-                        self.startup_s = time.perf_counter() - t0
-                        self.sample_rss()
-                        return self.startup_s
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.05)
+        if wait_ready(self.proc, self.base_url + self.ready_path, timeout_s):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}: {self.log_tail()}")
+            self.startup_s = time.perf_counter() - t0
+            self.sample_rss()
+            return self.startup_s
         self.stop()
         raise RuntimeError(f"{self.name} not ready after {timeout_s} s: {self.log_tail()}")
 
