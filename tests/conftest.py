@@ -13,6 +13,9 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# The suite starts hundreds of apps in one process: freezing each one's start-up objects would keep
+# all of them (their reference cycles) for the whole run. tests/app/test_endpoints.py checks the freeze.
+os.environ.setdefault("MMFUSION_GC_FREEZE", "false")
 DEMO_IMAGES = 160
 
 

@@ -86,6 +86,11 @@ class Settings(BaseSettings):
     admin_keys_file: Path | None = Field(default=None, description="File of admin keys, same format as api_keys_file.")
     cors_origins: str = ""
     warmup: bool = True
+    gc_freeze: bool = Field(
+        default=True,
+        description="After start-up, move every object alive into the garbage collector's permanent generation "
+        "(gc.freeze): full collections under load then take ~4 ms instead of 77-101 ms of stalled requests.",
+    )
     max_batch_size: int = Field(
         default=32, ge=1,
         description="Dynamic batching: most rows one graph call carries (a larger client batch runs alone).",

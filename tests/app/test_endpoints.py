@@ -101,3 +101,21 @@ def test_unknown_route_uses_the_error_schema(client) -> None:
 def test_request_id_is_echoed(client) -> None:
     r = client.get("/livez", headers={"X-Request-ID": "abc-123"})
     assert r.headers["x-request-id"] == "abc-123"
+
+
+def test_start_up_objects_are_frozen_out_of_the_garbage_collectors_full_passes(settings) -> None:
+    import gc
+
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    gc.unfreeze()
+    try:
+        with TestClient(create_app(settings.model_copy(update={"gc_freeze": True}))) as client:
+            assert gc.get_freeze_count() > 10_000  # modules, routes, schemas: everything alive at start-up
+            assert client.get("/readyz").status_code == 200
+    finally:
+        gc.unfreeze()
+    with TestClient(create_app(settings)):  # MMFUSION_GC_FREEZE=false: nothing frozen
+        assert gc.get_freeze_count() == 0
