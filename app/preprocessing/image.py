@@ -207,7 +207,9 @@ def normalize(img: Image.Image, spec: ImagePreprocessing) -> np.ndarray:
 
     Computed as ``x * (scale / std) + (-mean / std)`` in one multiply into the CHW output and one
     in-place add: 0.16 ms instead of 0.96 ms for the five whole-array passes of the literal formula
-    (224x224, measured 2026-11-29), equal to it within float32 rounding (1 ulp).
+    (224x224, measured 2026-11-29). The rounding differs from the literal formula by at most 5e-7
+    absolute (ImageNet and CLIP mean/std; exactly equal for the default bundle's 0.5/0.5), three
+    orders of magnitude under the export parity bound.
     """
     std = np.asarray(spec.std, dtype=np.float32)
     gain = (np.float32(spec.scale) / std)[:, None, None]

@@ -522,3 +522,21 @@ def test_resize_and_crop_in_one_resample_equals_resizing_the_whole_image_then_cr
         assert got.size == (224, 224)
         diff = np.abs(np.asarray(got, dtype=np.int16) - np.asarray(whole, dtype=np.int16))
         assert diff.max() <= 1 and diff.mean() < 0.01, (w, h, resample, diff.max(), diff.mean())
+
+
+@pytest.mark.parametrize(("mean", "std"), [
+    ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # the default bundle's
+    ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # ImageNet
+    ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),  # CLIP
+])
+def test_normalize_equals_the_literal_formula_in_chw_layout(mean: tuple, std: tuple) -> None:
+    from app.preprocessing.image import normalize
+
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (48, 40, 3), dtype=np.uint8))
+    spec = ImagePreprocessing(size=40, resize_size=40, mean=mean, std=std)
+    literal = (np.asarray(img, np.float32) * np.float32(spec.scale) - np.asarray(mean, np.float32)) / np.asarray(
+        std, np.float32)
+    out = normalize(img, spec)
+    assert out.dtype == np.float32 and out.shape == (3, 48, 40) and out.flags["C_CONTIGUOUS"]
+    np.testing.assert_allclose(out, literal.transpose(2, 0, 1), rtol=0, atol=1e-6)
