@@ -43,6 +43,7 @@ from onnxruntime.quantization import (
     quantize_dynamic,
     quantize_static,
 )
+from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 from onnxruntime.quantization.shape_inference import quant_pre_process
 from PIL import Image
 
@@ -473,6 +474,15 @@ def candidates_for(role: str, ops: dict[str, int]) -> list[Candidate]:
     return [*dynamic, Candidate("static_qdq", "minmax", "uint8")]
 
 
+_FLOAT_ONLY_OPS = frozenset({"Softmax"})
+"""Kept in float by static QDQ. ONNX Runtime quantizes a Softmax's output with a fixed 1/256 scale, so
+probabilities come out in 1/256 steps and a row sums to 255/256 (CI served exactly that: a classify
+response whose scores summed to 0.9961), and an attention softmax loses every weight under 1/512."""
+_STATIC_OP_TYPES = sorted((set(QDQRegistry) | set(QLinearOpsRegistry)) - _FLOAT_ONLY_OPS)
+"""ONNX Runtime's own default list for ``quantize_static`` (both registries) less ``_FLOAT_ONLY_OPS``."""
+PROBABILITY_SUM_TOLERANCE = 1e-3
+"""How far a candidate's probability rows may sum from 1 before it is refused (fp32 is ~1e-7 off)."""
+
 _CALIBRATION = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile}
 _HAS_CACHE = "calibration_cache_path" in inspect.signature(quantize_static).parameters
 
@@ -505,7 +515,7 @@ def quantize_candidate(pre: Path, out: Path, cand: Candidate, calib: list[dict[s
         reduce_range=cand.reduce_range,
         activation_type=QuantType.QUInt8 if cand.activation_type == "uint8" else QuantType.QInt8,
         weight_type=QuantType.QInt8, calibrate_method=_CALIBRATION[cand.calibration or "minmax"],
-        extra_options=extra, **kwargs,
+        op_types_to_quantize=_STATIC_OP_TYPES, extra_options=extra, **kwargs,
     )
     return out
 
@@ -518,7 +528,7 @@ def served_speedup(fp32_ms1: float, ms1: float, fp32_ms8: float, ms8: float, bat
 
 
 def refusal(means: dict[str, float], consumed: set[str], agreement: float | None, speedup: float,
-            batch_variant: bool, options: Int8Options) -> str:
+            batch_variant: bool, options: Int8Options, probability_sum_error: float = 0.0) -> str:
     """Why a measured candidate is refused ("" = accepted).
 
     User-visible outputs (embeddings, probabilities) must keep ``min_output_cosine``; outputs only
@@ -530,6 +540,8 @@ def refusal(means: dict[str, float], consumed: set[str], agreement: float | None
     head_in = {k: v for k, v in means.items() if k in consumed and k not in _USER_VISIBLE}
     low_visible = [f"{k} {v:.4f}" for k, v in visible.items() if v < options.min_output_cosine]
     low_head = [f"{k} {v:.4f}" for k, v in head_in.items() if v < options.min_head_input_cosine]
+    if probability_sum_error > PROBABILITY_SUM_TOLERANCE:
+        return f"probabilities do not sum to 1: off by up to {probability_sum_error:.2g} > {PROBABILITY_SUM_TOLERANCE}"
     if low_visible:
         return "output cosine " + ", ".join(low_visible) + f" < {options.min_output_cosine}"
     if low_head:
@@ -559,8 +571,10 @@ def cpu_name() -> str:
 
 
 def evaluate_graph(role: str, fp32: ort.InferenceSession, cand: ort.InferenceSession,
-                   feeds: list[dict[str, np.ndarray]]) -> tuple[dict[str, float], dict[str, float], float | None]:
-    """Mean and min cosine to fp32 per output; for the fusion head also top-1 agreement."""
+                   feeds: list[dict[str, np.ndarray]]
+                   ) -> tuple[dict[str, float], dict[str, float], float | None, float]:
+    """Mean and min cosine to fp32 per output; for the fusion head also top-1 agreement and the largest
+    distance of a probability row's sum from 1 (a cosine cannot see a row scaled by 255/256)."""
     cos: dict[str, list[np.ndarray]] = {}
     ref_p, got_p = [], []
     for feed in feeds:
@@ -573,7 +587,8 @@ def evaluate_graph(role: str, fp32: ort.InferenceSession, cand: ort.InferenceSes
     means = {k: float(np.concatenate(v).mean()) for k, v in cos.items()}
     mins = {k: float(np.concatenate(v).min()) for k, v in cos.items()}
     agree = _agreement(np.concatenate(ref_p), np.concatenate(got_p)) if ref_p else None
-    return means, mins, agree
+    sum_error = float(np.abs(np.concatenate(got_p).astype(np.float64).sum(1) - 1.0).max()) if got_p else 0.0
+    return means, mins, agree, sum_error
 
 
 def quantize_graphs(
@@ -631,12 +646,12 @@ def quantize_graphs(
                 qsec = time.perf_counter() - t0
                 f1, ms1 = paired_ms(fp32_sess, sess, b1, options.bench_seconds)
                 f8, ms8 = paired_ms(fp32_sess, sess, b8, options.bench_seconds)
-                means, mins, agree = evaluate_graph(role, fp32_sess, sess, sel_feeds)
+                means, mins, agree, sum_error = evaluate_graph(role, fp32_sess, sess, sel_feeds)
                 res = CandidateResult(cand.name, ms1, ms8, f1, f8, served_speedup(f1, ms1, f8, ms8, cand.batch_variant),
                                       means, mins, agree, batch_variant=cand.batch_variant)
                 speedup = res.speedup
                 worst = min([v for k, v in means.items() if k in consumed], default=0.0)
-                res.reason = refusal(means, consumed, agree, speedup, cand.batch_variant, options)
+                res.reason = refusal(means, consumed, agree, speedup, cand.batch_variant, options, sum_error)
                 if not res.reason:
                     res.accepted, res.reason = True, "faithful" + (" and faster" if speedup >= options.min_speedup
                                                                      else "")

@@ -214,3 +214,48 @@ def test_batch_variant_candidates_are_timed_as_served_one_row_per_call() -> None
     assert slow < 1.0
     reason = refusal({"probabilities": 1.0}, CONSUMED, 1.0, slow, True, Int8Options())
     assert reason.startswith("not faster") and "served one row per call" in reason
+
+
+def test_a_probability_row_that_does_not_sum_to_one_is_refused() -> None:
+    from model.quantize import refusal
+
+    # a uint8 Softmax output: every row 255/256, cosine and agreement perfect, still wrong to serve
+    reason = refusal({"probabilities": 1.0}, CONSUMED, 1.0, 2.0, False, Int8Options(), probability_sum_error=1 / 256)
+    assert reason.startswith("probabilities do not sum to 1")
+    assert refusal({"probabilities": 1.0}, CONSUMED, 1.0, 2.0, False, Int8Options(), probability_sum_error=2e-7) == ""
+
+
+def test_static_qdq_keeps_the_fusion_heads_softmax_in_float(tiny_bundle: Path, tmp_path: Path) -> None:
+    """CI once served a static-QDQ fusion head whose probabilities summed to 0.9961: ONNX Runtime had
+    quantized the Softmax output to 1/256 steps. Static candidates must leave Softmax in float."""
+    import onnxruntime as ort
+
+    from model.quantize import Candidate, preprocess, quantize_candidate
+
+    manifest = load_bundle_manifest(tiny_bundle)
+    src = tiny_bundle / manifest.graphs["fusion_head"].variants["fp32"].file
+    fp32 = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+
+    def feed(batch: int) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        for i in fp32.get_inputs():
+            shape = [d if isinstance(d, int) else (batch if n == 0 else 6) for n, d in enumerate(i.shape)]
+            if "int" in i.type:
+                out[i.name] = np.ones(shape, np.int64)
+            else:
+                out[i.name] = rng.standard_normal(shape).astype(np.float32)
+        return out
+
+    assert "Softmax" in _ops(src)
+    pre = preprocess(src, tmp_path / "head.pre.onnx")
+    out = quantize_candidate(pre, tmp_path / "head.int8.onnx", Candidate("static_qdq", "minmax", "uint8"),
+                             [feed(4) for _ in range(8)], tmp_path)
+    graph = onnx.load(str(out)).graph
+    assert "QuantizeLinear" in {n.op_type for n in graph.node}  # the head really is quantized
+    softmax = [n for n in graph.node if n.op_type == "Softmax"]
+    assert softmax, "Softmax must stay a float op, not become QLinearSoftmax"
+    consumers = {n.op_type for n in graph.node for s in softmax if s.output[0] in n.input}
+    assert "QuantizeLinear" not in consumers
+    probs = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(["probabilities"], feed(16))[0]
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
