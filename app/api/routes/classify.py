@@ -12,6 +12,7 @@ import numpy as np
 from fastapi import APIRouter, Request
 from pydantic import BaseModel
 
+from app.api.openapi import IMAGE_PART, error_responses, form_or_json_body, json_body
 from app.api.payload import check_text, content_type, decode_base64, parse_json, read_payload, validate_model
 from app.api.schemas import (
     ClassifyBatchItem,
@@ -21,9 +22,7 @@ from app.api.schemas import (
     ClassifyJSONRequest,
     ClassifyResponse,
     ErrorDetail,
-    ErrorResponse,
     Prediction,
-    inline_json_schema,
 )
 from app.api.state import State
 from app.api.work import batched, decode
@@ -37,28 +36,14 @@ from app.inference.pipeline import Timings
 
 router = APIRouter(prefix="/v1", tags=["inference"])
 
-_ERRORS = {code: {"model": ErrorResponse} for code in (400, 413, 415, 422, 503)}
+_ERRORS = error_responses(400, 413, 415, 422, 503)
 M = TypeVar("M", bound=BaseModel)
 
-MULTIPART_AND_JSON = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["image", "text"],
-                    "properties": {
-                        "image": {"type": "string", "format": "binary", "description": "JPEG, PNG, WebP, BMP or GIF"},
-                        "text": {"type": "string", "example": "what color is the circle?"},
-                        "top_k": {"type": "integer", "minimum": 1},
-                    },
-                }
-            },
-            "application/json": {"schema": ClassifyJSONRequest.model_json_schema()},
-        },
-    }
-}
+CLASSIFY_BODY = form_or_json_body(ClassifyJSONRequest, {
+    "image": IMAGE_PART,
+    "text": {"type": "string", "example": "what color is the circle?"},
+    "top_k": {"type": "integer", "minimum": 1},
+}, required=("image", "text"))
 
 
 def parse_top_k(raw: object, n_labels: int) -> int:
@@ -73,7 +58,7 @@ def parse_top_k(raw: object, n_labels: int) -> int:
     return min(k, n_labels)
 
 
-@router.post("/classify", response_model=ClassifyResponse, responses=_ERRORS, openapi_extra=MULTIPART_AND_JSON,
+@router.post("/classify", response_model=ClassifyResponse, responses=_ERRORS, openapi_extra=CLASSIFY_BODY,
              summary="Answer a question about an image (classify an image+text pair)")
 async def classify(request: Request, state: State) -> ClassifyResponse:
     pipeline = state.require_pipeline()
@@ -102,12 +87,6 @@ async def classify(request: Request, state: State) -> ClassifyResponse:
 # --------------------------------------------------------------------------------------------------
 # Batches (shared with POST /v1/index/items/batch)
 # --------------------------------------------------------------------------------------------------
-
-
-def json_body(model: type[BaseModel]) -> dict[str, Any]:
-    """``openapi_extra`` documenting a hand-parsed JSON body with ``model``'s schema."""
-    return {"requestBody": {"required": True,
-                            "content": {"application/json": {"schema": inline_json_schema(model)}}}}
 
 
 async def read_json_items(request: Request, max_items: int) -> list[Any]:

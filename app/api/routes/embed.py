@@ -6,8 +6,9 @@ import time
 
 from fastapi import APIRouter, Request
 
+from app.api.openapi import IMAGE_PART, error_responses, form_or_json_body
 from app.api.payload import check_text, read_payload
-from app.api.schemas import EmbedJSONRequest, EmbedResponse, ErrorResponse
+from app.api.schemas import EmbedJSONRequest, EmbedResponse
 from app.api.state import State
 from app.api.work import batched, decode
 from app.core.errors import InvalidFieldError
@@ -15,27 +16,14 @@ from app.inference.pipeline import Timings
 
 router = APIRouter(prefix="/v1", tags=["inference"])
 
-EMBED_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "properties": {
-                        "image": {"type": "string", "format": "binary"},
-                        "text": {"type": "string", "example": "a small blue square on a white background"},
-                    },
-                }
-            },
-            "application/json": {"schema": EmbedJSONRequest.model_json_schema()},
-        },
-    }
-}
+EMBED_BODY = form_or_json_body(EmbedJSONRequest, {
+    "image": IMAGE_PART,
+    "text": {"type": "string", "example": "a small blue square on a white background"},
+})
 
 
 @router.post("/embed", response_model=EmbedResponse, openapi_extra=EMBED_BODY,
-             responses={c: {"model": ErrorResponse} for c in (400, 401, 413, 415, 422, 503)},
+             responses=error_responses(400, 413, 415, 422, 503),
              summary="Embed an image and/or a text into the shared retrieval space")
 async def embed(request: Request, state: State) -> EmbedResponse:
     encoders = batched(state)

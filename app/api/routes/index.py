@@ -24,18 +24,18 @@ import numpy as np
 from fastapi import APIRouter, Path, Query, Request, Response
 
 from app.api.auth import AdminKey, Principal
+from app.api.openapi import IMAGE_PART, error_responses, form_or_json_body, json_body
 from app.api.payload import (
     check_text,
     decode_base64,
     parse_json_field,
     read_payload,
 )
-from app.api.routes.classify import error_detail, json_body, read_json_items, validate_item
+from app.api.routes.classify import error_detail, read_json_items, validate_item
 from app.api.routes.search import SOURCE_KEY, embed_mixed_batched, embed_one, public_metadata
 from app.api.schemas import (
     ITEM_ID_DESCRIPTION,
     BundleIdentity,
-    ErrorResponse,
     IndexBatchRequest,
     IndexBatchResponse,
     IndexBatchResult,
@@ -59,28 +59,14 @@ log = logging.getLogger("mmfusion.index.api")
 router = APIRouter(prefix="/v1/index", tags=["index"])
 
 ItemId = Annotated[str, Path(description=ITEM_ID_DESCRIPTION + " Anything else is 422.", examples=["sku-123"])]
-_WRITE_ERRORS = {c: {"model": ErrorResponse} for c in (400, 413, 415, 422, 503)}
+_WRITE_ERRORS = error_responses(400, 413, 415, 422, 503)
 
-ADD_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["id"],
-                    "properties": {
-                        "id": {"type": "string", "example": "sku-123"},
-                        "image": {"type": "string", "format": "binary", "description": "JPEG, PNG, WebP, BMP or GIF"},
-                        "text": {"type": "string", "example": "a small blue square on a white background"},
-                        "metadata": {"type": "string", "description": "JSON object, e.g. {\"category\": \"shapes\"}"},
-                    },
-                }
-            },
-            "application/json": {"schema": IndexItemJSONRequest.model_json_schema()},
-        },
-    }
-}
+ADD_BODY = form_or_json_body(IndexItemJSONRequest, {
+    "id": {"type": "string", "example": "sku-123"},
+    "image": IMAGE_PART,
+    "text": {"type": "string", "example": "a small blue square on a white background"},
+    "metadata": {"type": "string", "description": "JSON object, e.g. {\"category\": \"shapes\"}"},
+}, required=("id",))
 
 
 def source_of(metadata: dict[str, Any]) -> ItemSource | None:
@@ -259,7 +245,7 @@ async def add_items(request: Request, state: State, principal: AdminKey) -> Inde
 
 
 @router.get("/items/{item_id:path}", response_model=IndexItemResponse,
-            responses={c: {"model": ErrorResponse} for c in (404, 422, 503)},
+            responses=error_responses(404, 422, 503),
             summary="One item: id, text, metadata and how it was embedded (optionally its vector)")
 async def get_item(
     item_id: ItemId,
@@ -275,7 +261,7 @@ async def get_item(
 
 
 @router.delete("/items/{item_id:path}", response_model=IndexDeleteResponse,
-               responses={c: {"model": ErrorResponse} for c in (404, 422, 503)},
+               responses=error_responses(404, 422, 503),
                summary="Delete one item (404 if there is none with this id)")
 async def delete_item(item_id: ItemId, state: State, principal: AdminKey) -> IndexDeleteResponse:
     index = state.require_index()
@@ -297,7 +283,7 @@ def _disk_identity(state: ServiceState) -> BundleIdentity | None:
     return BundleIdentity(name=m.bundle_name, version=m.bundle_version, dimension=m.dim)
 
 
-@router.get("", response_model=IndexStatusResponse, responses={503: {"model": ErrorResponse}},
+@router.get("", response_model=IndexStatusResponse, responses=error_responses(503),
             summary="Index status: size, dimension, backend, last persisted, bundle identity",
             description="Always 200 once the model is loaded: `available: false` with `message` (how to recover) "
             "when the index could not be opened, e.g. because it was built by another bundle.")

@@ -18,12 +18,13 @@ from collections.abc import Sequence
 import numpy as np
 from fastapi import APIRouter, Request
 
+from app.api.openapi import IMAGE_PART, error_responses, form_or_json_body
 from app.api.payload import (
     check_text,
     parse_json_field,
     read_payload,
 )
-from app.api.schemas import ErrorResponse, SearchHit, SearchJSONRequest, SearchResponse
+from app.api.schemas import SearchHit, SearchJSONRequest, SearchResponse
 from app.api.state import ServiceState, State
 from app.api.work import batched, decode, infer
 from app.core.errors import InvalidFieldError
@@ -35,25 +36,12 @@ SOURCE_KEY = "_source"
 
 router = APIRouter(prefix="/v1", tags=["retrieval"])
 
-SEARCH_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {"schema": SearchJSONRequest.model_json_schema()},
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "properties": {
-                        "image": {"type": "string", "format": "binary"},
-                        "text": {"type": "string"},
-                        "k": {"type": "integer", "minimum": 1, "default": 10},
-                        "filter": {"type": "string", "description": "JSON object of metadata equality filters"},
-                    },
-                }
-            },
-        },
-    }
-}
+SEARCH_BODY = form_or_json_body(SearchJSONRequest, {
+    "image": IMAGE_PART,
+    "text": {"type": "string"},
+    "k": {"type": "integer", "minimum": 1, "default": 10},
+    "filter": {"type": "string", "description": "JSON object of metadata equality filters"},
+})
 
 
 def combine(vectors: list[np.ndarray]) -> np.ndarray:
@@ -201,7 +189,7 @@ def _parse_filter(raw: object) -> dict | None:
 
 
 @router.post("/search", response_model=SearchResponse, openapi_extra=SEARCH_BODY,
-             responses={c: {"model": ErrorResponse} for c in (400, 413, 415, 422, 503)},
+             responses=error_responses(400, 413, 415, 422, 503),
              summary="Top-k retrieval over the embedded index by text, image, or both",
              description="The query vector is the image embedding, the text embedding, or (both sent) their "
              "mean re-normalised. `filter` keeps only items whose metadata has every given key with an equal "
