@@ -21,6 +21,8 @@ batch to its longest text): masks are applied, never inferred from values.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -51,6 +53,26 @@ class Fusion(nn.Module):
 
 
 FUSIONS: Registry = Registry("fusion strategy")
+
+
+def pooled_pair_builder(cls: Callable[..., Fusion]) -> Callable[..., Fusion]:
+    """The registry builder of a strategy that reads only the pooled pair.
+
+    ``cls(image_dim, text_dim, hidden_dim, dropout, sequence_stage, num_heads)``; ``num_classes`` and
+    ``num_regions`` are build context such a strategy does not need, so they are taken and ignored
+    here, once, rather than in a copy of the same builder per strategy.
+    """
+
+    def build(
+        image_dim: int, text_dim: int, hidden_dim: int = 256, dropout: float = 0.1, *,
+        num_classes: int | None = None, num_regions: int | None = None, sequence_stage: str = "none",
+        num_heads: int = 4,
+    ) -> Fusion:
+        return cls(image_dim, text_dim, hidden_dim, dropout, sequence_stage, num_heads)
+
+    build.__name__ = build.__qualname__ = f"build_{getattr(cls, '__name__', 'fusion')}"
+    build.__doc__ = f"Builds :class:`{getattr(cls, '__name__', cls)}` (see :func:`pooled_pair_builder`)."
+    return build
 
 
 class MultiHeadAttention(nn.Module):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from model.fusion.base import FUSIONS, Fusion
+from model.fusion.base import FUSIONS, Fusion, pooled_pair_builder
 from model.fusion.sequence import build_sequence_stage, modality_pair
 
 
@@ -41,10 +41,4 @@ class ConcatFusion(Fusion):
         return self.mlp(torch.cat([image, text], dim=-1))
 
 
-@FUSIONS.register("concat")
-def build_concat(
-    image_dim: int, text_dim: int, hidden_dim: int = 256, dropout: float = 0.1, *,
-    num_classes: int | None = None, num_regions: int | None = None, sequence_stage: str = "none", num_heads: int = 4,
-) -> Fusion:
-    """``num_classes`` and ``num_regions`` are build context this strategy does not need."""
-    return ConcatFusion(image_dim, text_dim, hidden_dim, dropout, sequence_stage, num_heads)
+build_concat = FUSIONS.register("concat")(pooled_pair_builder(ConcatFusion))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from model.fusion.base import FUSIONS, Fusion
+from model.fusion.base import FUSIONS, Fusion, pooled_pair_builder
 from model.fusion.sequence import build_sequence_stage, modality_pair
 
 
@@ -43,10 +43,4 @@ class GMUFusion(Fusion):
         return self.dropout(z * h_v + (1 - z) * h_t)
 
 
-@FUSIONS.register("gmu")
-def build_gmu(
-    image_dim: int, text_dim: int, hidden_dim: int = 256, dropout: float = 0.1, *,
-    num_classes: int | None = None, num_regions: int | None = None, sequence_stage: str = "none", num_heads: int = 4,
-) -> Fusion:
-    """``num_classes`` and ``num_regions`` are build context this strategy does not need."""
-    return GMUFusion(image_dim, text_dim, hidden_dim, dropout, sequence_stage, num_heads)
+build_gmu = FUSIONS.register("gmu")(pooled_pair_builder(GMUFusion))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from model.fusion.base import FUSIONS, Fusion
+from model.fusion.base import FUSIONS, Fusion, pooled_pair_builder
 from model.fusion.sequence import build_sequence_stage, modality_pair
 
 
@@ -40,10 +40,4 @@ class WeightedSumFusion(Fusion):
         return self.dropout(w[0] * image + w[1] * text)
 
 
-@FUSIONS.register("weighted_sum")
-def build_weighted_sum(
-    image_dim: int, text_dim: int, hidden_dim: int = 256, dropout: float = 0.1, *,
-    num_classes: int | None = None, num_regions: int | None = None, sequence_stage: str = "none", num_heads: int = 4,
-) -> Fusion:
-    """``num_classes`` and ``num_regions`` are build context this strategy does not need."""
-    return WeightedSumFusion(image_dim, text_dim, hidden_dim, dropout, sequence_stage, num_heads)
+build_weighted_sum = FUSIONS.register("weighted_sum")(pooled_pair_builder(WeightedSumFusion))
