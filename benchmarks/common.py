@@ -61,6 +61,30 @@ def percentiles_ms(latencies_s: list[float]) -> dict[str, float | None]:
     return {f"p{q}_ms": round(float(np.percentile(arr, q)), 2) for q in (50, 95, 99)}
 
 
+def cpu_ticks() -> tuple[int, int] | None:
+    """(steal, total) clock ticks of all CPUs so far, from /proc/stat; None where there is none.
+
+    Steal is the time the hypervisor ran someone else while this VM wanted a CPU: the one part of
+    "the machine got slower this minute" a guest can see. Levels report its share of their window.
+    """
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    except OSError:
+        return None
+    if fields[:1] != ["cpu"] or len(fields) < 9:
+        return None
+    ticks = [int(x) for x in fields[1:]]
+    # user nice system idle iowait irq softirq steal [guest guest_nice]; guest time is inside user
+    return ticks[7], sum(ticks[:8])
+
+
+def steal_pct(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """The share (%) of CPU time stolen by the hypervisor between two :func:`cpu_ticks` readings."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return round(100 * (after[0] - before[0]) / (after[1] - before[1]), 2)
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

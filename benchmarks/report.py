@@ -171,14 +171,15 @@ def markdown(result: dict[str, Any]) -> str:
                   f"client count; images {', '.join(f'{k} ({v:,} bytes)' for k, v in sv['images'].items())}; "
                   "mmfusion settings: " + ", ".join(f"{k}={v}" for k, v in st.items()) + "; LitServe max_batch_size="
                   f"{sv['litserve']['max_batch_size']}, batch_timeout={sv['litserve']['batch_timeout_s']} s.", "",
-                  "| workload | server | clients | req/s | p50 ms | p95 ms | p99 ms | errors | client CPU ms/req |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| workload | server | clients | req/s | p50 ms | p95 ms | p99 ms | errors | client CPU ms/req "
+                  "| CPU steal % |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for workload, by_server in sv["workloads"].items():
             for name in SERVER_ORDER:
                 for lv in by_server.get(name, []):
                     lines.append(f"| {workload} | {name} | {lv['concurrency']} | {_fmt(lv['throughput_rps'])} | "
                                  f"{_fmt(lv['p50_ms'])} | {_fmt(lv['p95_ms'])} | {_fmt(lv['p99_ms'])} | "
-                                 f"{lv['errors']} | {_fmt(lv.get('client_cpu_ms_per_request'))} |")
+                                 f"{lv['errors']} | {_fmt(lv.get('client_cpu_ms_per_request'))} | "
+                                 f"{_fmt(lv.get('cpu_steal_pct'))} |")
         lines += ["", "| workload | clients | mmfusion req/s | / in-process | / naive | / LitServe | "
                   "p99 mmfusion | p99 LitServe |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in sv["ratios"]:

@@ -389,6 +389,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             result["notes"].append(
                 "noise gauge: graphs whose int8 variant is the fp32 file itself measured INT8/fp32 median ratios "
                 f"of {min(spread)}-{max(spread)}x (ideally 1.0) in this run")
+    steal = [lv["cpu_steal_pct"] for by_server in result.get("server_level", {}).get("workloads", {}).values()
+             for levels in by_server.values() for lv in levels if lv.get("cpu_steal_pct") is not None]
+    if steal:
+        result["notes"].append(
+            f"noise gauge: the hypervisor stole {min(steal)}-{max(steal)} % of the CPU time in the server-level "
+            "windows (/proc/stat steal; column CPU steal %)")
     result["load_avg_1min_at_end"] = round(os.getloadavg()[0], 2)
     result["elapsed_s"] = round(time.perf_counter() - t_start, 1)
     if result["machine"]["load_avg_1min_at_start"] > 0.5 * result["machine"]["cpus_usable"]:

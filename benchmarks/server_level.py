@@ -33,7 +33,7 @@ from typing import Any
 import httpx
 import psutil
 
-from benchmarks.common import REPO_ROOT, free_port, percentiles_ms, wait_ready
+from benchmarks.common import REPO_ROOT, cpu_ticks, free_port, percentiles_ms, steal_pct, wait_ready
 from benchmarks.load_client import LoadClient
 
 LOAD_CLIENTS = ("raw", "httpx")  # raw: benchmarks/load_client.py (default); httpx: for comparison
@@ -98,7 +98,14 @@ async def closed_loop(send: Callable[[], Awaitable[int]], concurrency: int, warm
                 if state["in_window"] == min_completed:
                     state["reached_at"] = t1
 
-    await asyncio.gather(*(client() for _ in range(concurrency)))
+    ticks: dict[str, tuple[int, int] | None] = {}
+
+    async def mark_window_start() -> None:
+        await asyncio.sleep(max(0.0, t_measure - time.perf_counter()))
+        ticks["start"] = cpu_ticks()
+
+    await asyncio.gather(mark_window_start(), *(client() for _ in range(concurrency)))
+    ticks["end"] = cpu_ticks()  # the last answers drain after the window: a slight overcount at most
     reached = state["reached_at"]
     window_end = t_end if (reached and reached <= t_end) else (reached or t_hard)
     window_s = window_end - t_measure
@@ -116,6 +123,7 @@ async def closed_loop(send: Callable[[], Awaitable[int]], concurrency: int, warm
         "errors": sum(errors.values()),
         "errors_by_status": errors,
         "window_s": round(window_s, 2),
+        "cpu_steal_pct": steal_pct(ticks.get("start"), ticks.get("end")),
     }
 
 

@@ -101,9 +101,29 @@ def test_closed_loop_stretches_the_window_for_a_slow_server_and_counts_only_answ
     assert 0.05 * 0.9 <= stretched["p50_ms"] / 1000 < 1.0
     assert abs(stretched["throughput_rps"] - 5 / stretched["window_s"]) < 0.05 * stretched["throughput_rps"]
 
+    assert stretched["cpu_steal_pct"] is None or 0.0 <= stretched["cpu_steal_pct"] <= 100.0
+
     errors = asyncio.run(closed_loop(failing, 2, warmup_s=0.0, duration_s=0.1, min_completed=1))
     assert errors["completed"] == 0 and errors["errors"] > 0 and set(errors["errors_by_status"]) == {"503"}
     assert errors["throughput_rps"] == 0 and errors["p50_ms"] is None
+
+
+def test_cpu_steal_is_the_stolen_share_of_all_ticks_between_two_readings(monkeypatch, tmp_path: Path) -> None:
+    from benchmarks import common
+
+    #          user nice system idle iowait irq softirq steal guest guest_nice
+    before = "cpu  1000 0 200 5000 0 0 0 100 50 0\ncpu0 1 2 3\n"
+    after = "cpu  1600 0 300 5800 0 0 0 400 90 0\ncpu0 1 2 3\n"
+    stat = tmp_path / "stat"
+    real_path = common.Path
+    monkeypatch.setattr(common, "Path", lambda p: stat if p == "/proc/stat" else real_path(p))
+    stat.write_text(before)
+    t0 = common.cpu_ticks()
+    stat.write_text(after)
+    t1 = common.cpu_ticks()
+    assert t0 == (100, 6300) and t1 == (400, 8100)  # guest time is already counted in user
+    assert common.steal_pct(t0, t1) == round(100 * 300 / 1800, 2)
+    assert common.steal_pct(None, t1) is None and common.steal_pct(t1, t1) is None
 
 
 def test_gpu_check_reports_why_the_tensorrt_pipeline_did_not_run(tiny_bundle: Path, tmp_path: Path, monkeypatch):
