@@ -40,8 +40,11 @@ import numpy as np
 import psutil
 from PIL import Image
 
+from app.inference.batcher import BatchingConfig
 from benchmarks.common import start_uvicorn
 from benchmarks.load_client import LoadClient, ProtocolError
+
+IDLE_S = BatchingConfig.idle_s
 
 QUESTIONS = ("what color is the circle?", "how many shapes are in the image?", "is there a large triangle?")
 
@@ -67,6 +70,8 @@ class Summary:
     phases: list[PhaseResult] = field(default_factory=list)
     rss_before_mb: float = 0.0
     rss_after_mb: float = 0.0
+    rss_right_after_mb: float = 0.0
+    """1 s after the normal phase, before the server's idle housekeeping (``rss_after_mb``: after it)."""
     rss_peak_mb: float = 0.0
     crashed: bool = False
     ready_after: bool = False
@@ -253,6 +258,10 @@ def run(bundle: Path, *, phase_s: float, factor: float, normal_factor: float, qu
             summary.phases.append(asyncio.run(open_loop("normal", url, bodies, normal_factor * capacity, phase_s,
                                                         max_connections)))
             time.sleep(1.0)  # let the queues empty and freed memory settle
+            summary.rss_right_after_mb = rss_mb(proc.pid) if proc.poll() is None else 0.0
+            # The server gives grown memory back once its queues have been empty for BatchingConfig.idle_s
+            # (never under load, where the next batch would page it in again): wait that out, then measure.
+            time.sleep(IDLE_S + 1.0)
             summary.crashed = proc.poll() is not None
             if not summary.crashed:
                 summary.rss_after_mb = rss_mb(proc.pid)
@@ -301,8 +310,9 @@ def format_summary(s: Summary) -> str:
     if s.backlog_max:
         lines.append("largest backlog during overload: " + ", ".join(
             f"{k} {v:.0f}" for k, v in sorted(s.backlog_max.items())))
-    lines.append(f"server RSS: before {s.rss_before_mb:.1f} MB, peak {s.rss_peak_mb:.1f} MB, after "
-                 f"{s.rss_after_mb:.1f} MB; crashed: {s.crashed}; /readyz after: {s.ready_after}")
+    lines.append(f"server RSS: before {s.rss_before_mb:.1f} MB, peak {s.rss_peak_mb:.1f} MB, 1 s after "
+                 f"{s.rss_right_after_mb:.1f} MB, after idle {s.rss_after_mb:.1f} MB; crashed: {s.crashed}; "
+                 f"/readyz after: {s.ready_after}")
     lines += [f"  [{'ok' if ok else 'FAIL'}] {name}" for name, ok in s.checks.items()]
     return "\n".join(lines)
 

@@ -456,6 +456,38 @@ def test_the_memory_arena_is_shrunk_once_a_graph_goes_idle_after_a_large_batch_n
     assert calls == [(1, False), (big_n, False), (big_n, False), (big_n, False), (1, True), (1, False)]
 
 
+def test_a_steady_light_load_after_a_burst_shrinks_the_arena_once_without_an_idle_queue(
+        tiny_pipeline, monkeypatch) -> None:
+    """A trickle of small batches never leaves the queue empty for idle_s, yet the burst's memory goes back."""
+    session = tiny_pipeline.sessions["image_encoder"]
+    calls: list[tuple[int, bool]] = []
+    real = session.run
+
+    def recording(feeds: dict[str, np.ndarray], *, shrink_arena: bool = False) -> dict[str, np.ndarray]:
+        calls.append((len(feeds["pixel_values"]), shrink_arena))
+        return real(feeds, shrink_arena=shrink_arena)
+
+    monkeypatch.setattr(session, "run", recording)
+    size = tiny_pipeline.manifest.image.size
+    big, small = (np.zeros((n, 3, size, size), dtype=np.float32) for n in (SHRINK_AFTER_ROWS + 1, 1))
+    bp = BatchedPipeline(tiny_pipeline, BatchingConfig(idle_s=0.4))
+
+    async def main() -> None:
+        await bp.encode_images(big)
+        for _ in range(12):  # 0.05 s apart: the queue is never empty for idle_s
+            await bp.encode_images(small)
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.6)  # truly idle now: already shrunk, nothing more to give back
+        await bp.aclose()
+
+    asyncio.run(main())
+    shrinks = [i for i, (_, flag) in enumerate(calls) if flag]
+    assert len(shrinks) == 1, calls
+    assert calls[0] == (SHRINK_AFTER_ROWS + 1, False)
+    assert 1 < shrinks[0] < len(calls) - 1  # during the trickle, after idle_s of small batches, not at idle
+    assert all(rows == 1 for rows, _ in calls[1:])
+
+
 def test_batch_invariance_probe_flags_dynamic_int8_graphs_and_passes_fp32(tiny_pipeline, tmp_path) -> None:
     import onnxruntime as ort
     from onnxruntime.quantization import QuantType, quantize_dynamic
