@@ -59,9 +59,10 @@ CPU_ARENA = True
 9.8 ms per item with the arena, 12.6 without (fresh buffers page-fault on every call). But the
 arena keeps its peak: resident memory 101 MiB after warm-up, 363-434 MiB after one batch-32 call,
 and it stays there. So the arena stays on and is shrunk (:data:`SHRINK_RUN_OPTIONS`: back to 104 MiB
-in the same measurement) by a 1-row run once the graph's queue has been empty for
-``BatchingConfig.idle_s`` after a batch larger than :data:`SHRINK_AFTER_ROWS` (app.inference.batched):
-never during sustained load, and memory returns once a burst is over."""
+in the same measurement) by a 1-row run once, after a batch larger than :data:`SHRINK_AFTER_ROWS`, the
+graph has gone ``BatchingConfig.idle_s`` with an empty queue or with only small batches
+(app.inference.batched): never during sustained heavy load, and memory returns once a burst is over,
+with glibc's freed heap pages (app.core.memory)."""
 
 SHRINK_AFTER_ROWS = 8
 """Batches up to this many rows leave the arena alone (image encoder: ~50 MiB of buffers at 8)."""
