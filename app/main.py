@@ -79,7 +79,8 @@ def freeze_startup_objects() -> None:
 def batching_config(settings: Settings) -> BatchingConfig:
     return BatchingConfig(max_batch_size=settings.max_batch_size,
                           max_queue_delay_s=settings.max_queue_delay_ms / 1000.0,
-                          max_queue_size=settings.max_queue_size)
+                          max_queue_size=settings.max_queue_size,
+                          max_queue_wait_s=settings.max_queue_wait_ms / 1000.0)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

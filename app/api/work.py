@@ -38,7 +38,7 @@ async def decode(state: ServiceState, data: bytes, field: str = "image") -> np.n
     # rather than spend a decode on a request the queue will refuse anyway (under 4x overload the
     # wasted decodes took CPU from the admitted requests).
     if pipeline.batched is not None:
-        pipeline.batched.image.refuse_if_full()
+        pipeline.batched.image.refuse_if_full(extra_rows=state.pending_decodes)
     fn = functools.partial(decode_image, data, pipeline.manifest.image,
                            max_pixels=state.settings.max_image_pixels, field=field)
     state.pending_decodes += 1

@@ -105,6 +105,11 @@ class Settings(BaseSettings):
         description="Requests that may wait per graph queue; when full, requests get 503 'overloaded' "
         "with Retry-After at once.",
     )
+    max_queue_wait_ms: float = Field(
+        default=1000.0, ge=0.0,
+        description="Refuse (503 'overloaded', Retry-After) a request that the work already queued for a graph would "
+        "keep waiting longer than this, at the measured time per row; 0 = bound the queues in requests only.",
+    )
     request_timeout_s: float = Field(
         default=30.0, ge=0.0,
         description="Deadline for a whole request (body upload included): past it the request is cancelled "

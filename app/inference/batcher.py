@@ -11,9 +11,15 @@ or when the oldest queued request has waited ``max_queue_delay_s`` (0: take what
 so an idle server adds no delay). A request carrying several rows (a client batch) is never
 split; one larger than ``max_batch_size`` runs alone.
 
-The queue is bounded (``max_queue_size`` requests): when it is full :meth:`GraphBatcher.submit`
-raises :class:`~app.core.errors.OverloadedError` at once (503 + ``Retry-After``) instead of letting
-latency grow without bound. A request whose awaiting task is cancelled while it is still queued
+The queue is bounded (``max_queue_size`` requests) and, with ``max_queue_wait_s``, in time: when it
+is full, or when the rows already queued would keep a new request waiting longer than
+``max_queue_wait_s`` at the measured time per row, :meth:`GraphBatcher.submit` raises
+:class:`~app.core.errors.OverloadedError` at once (503 + ``Retry-After``) instead of letting latency
+grow without bound. A bound in requests alone suits one machine: 128 queued images kept admitted
+requests waiting 1-2.5 s on 2 CPU cores under overload (``benchmarks/overload.py``), and would be a
+fraction of that on a GPU. The time bound is Triton's queue-policy timeout, applied at admission
+instead of after the wait.
+A request whose awaiting task is cancelled while it is still queued
 (client gone, request timeout) is removed from the queue and never run, so its slot frees up.
 
 Results go back to the caller's event loop with ``loop.call_soon_threadsafe``; the event loop
@@ -57,12 +63,15 @@ class BatchingConfig:
     max_batch_size: int = 32
     max_queue_delay_s: float = 0.0
     max_queue_size: int = 256
+    max_queue_wait_s: float = 0.0
+    """Refuse a request the queued rows would keep waiting longer than this (0: no bound in time)."""
     idle_s: float = 2.0
     """Empty-queue time after a batch that counts as idle (``on_idle`` housekeeping runs then): long
     enough that a closed-loop load never looks idle between its batches."""
 
     def __post_init__(self) -> None:
-        if self.max_batch_size < 1 or self.max_queue_size < 1 or self.max_queue_delay_s < 0 or self.idle_s <= 0:
+        if (self.max_batch_size < 1 or self.max_queue_size < 1 or self.max_queue_delay_s < 0
+                or self.max_queue_wait_s < 0 or self.idle_s <= 0):
             raise ValueError(f"invalid batching config {self}")
 
 
@@ -105,6 +114,8 @@ class GraphBatcher(Generic[P, R]):
         self._cond = threading.Condition()
         self._closing = False
         self._busy_s = 0.0  # exponential average of one batch's run time, for Retry-After
+        self._row_s = 0.0  # exponential average of run time per row, for the queue's time bound
+        self._running_rows = 0  # rows of the batches being run now (all instances)
         self._threads = [
             threading.Thread(target=self._loop, name=f"infer-{name}" + (f"-{i}" if i else ""), daemon=True)
             for i in range(instances)
@@ -125,14 +136,33 @@ class GraphBatcher(Generic[P, R]):
         batches = self.depth / self.config.max_batch_size + 1
         return max(1, math.ceil(batches * self._busy_s / len(self._threads)))
 
-    def refuse_if_full(self) -> None:
-        """Raise :class:`OverloadedError` (counted as rejected) when the queue is full: :meth:`submit`'s
-        own check, callable earlier so that no costly work (an image decode) is spent on a request
-        the queue would refuse anyway."""
-        if self.depth >= self.config.max_queue_size:
+    def expected_wait_s(self, extra_rows: int = 0) -> float:
+        """How long a request queued now would wait: the rows queued ahead of it (plus ``extra_rows``
+        on their way here) and the batches running, at the measured time per row (0 before the first
+        batch has been timed). Running batches count in full, so the estimate errs long."""
+        rows = sum(e.rows for e in self._queue) + extra_rows + self._running_rows
+        return rows * self._row_s / len(self._threads)
+
+    def refuse_if_full(self, extra_rows: int = 0) -> None:
+        """Raise :class:`OverloadedError` (counted as rejected) when the queue is full, in requests or
+        in time: :meth:`submit`'s own check, callable earlier so that no costly work (an image decode)
+        is spent on a request the queue would refuse anyway. ``extra_rows``: rows that will join the
+        queue before this request (images still being decoded)."""
+        cfg = self.config
+        if self.depth >= cfg.max_queue_size:
             metrics.REJECTED.labels(self.name).inc()
             raise OverloadedError(
-                f"the {self.name} queue is full ({self.config.max_queue_size} requests waiting); retry shortly",
+                f"the {self.name} queue is full ({cfg.max_queue_size} requests waiting); retry shortly",
+                retry_after_s=self.retry_after_s(),
+            )
+        # Only with something queued ahead: a request may always wait behind the batches running,
+        # or a batch slower than the bound would refuse every request of an idle queue.
+        if (cfg.max_queue_wait_s > 0 and (self._queue or extra_rows)
+                and (wait := self.expected_wait_s(extra_rows)) > cfg.max_queue_wait_s):
+            metrics.REJECTED.labels(self.name).inc()
+            raise OverloadedError(
+                f"the {self.name} queue holds ~{wait * 1000:.0f} ms of work, more than MMFUSION_MAX_QUEUE_WAIT_MS "
+                f"({cfg.max_queue_wait_s * 1000:.0f} ms); retry shortly",
                 retry_after_s=self.retry_after_s(),
             )
 
@@ -213,6 +243,7 @@ class GraphBatcher(Generic[P, R]):
                     batch.append(entry)
                     rows += entry.rows
                 self._depth.dec(len(batch))
+                self._running_rows += rows
                 return batch
 
     def _loop(self) -> None:
@@ -240,7 +271,11 @@ class GraphBatcher(Generic[P, R]):
                 log.exception("%s batch of %d requests failed", self.name, len(batch))
                 results, error = [], exc
             elapsed = time.perf_counter() - started
+            with self._cond:
+                self._running_rows -= sum(e.rows for e in batch)
             self._busy_s = elapsed if self._busy_s <= 0 else 0.8 * self._busy_s + 0.2 * elapsed
+            per_row = elapsed / sum(e.rows for e in batch)
+            self._row_s = per_row if self._row_s <= 0 else 0.8 * self._row_s + 0.2 * per_row
             for i, entry in enumerate(batch):
                 result = None if error is not None else results[i]
                 with contextlib.suppress(RuntimeError):  # the caller's loop is already closed

@@ -167,6 +167,71 @@ def test_a_full_queue_refuses_at_once_with_overloaded_and_retry_after() -> None:
     assert "refused" not in [p for b in rec.batches for p in b]
 
 
+def test_a_queue_holding_more_work_than_the_wait_bound_refuses_before_it_is_full() -> None:
+    """MMFUSION_MAX_QUEUE_WAIT_MS: rows ahead x measured time per row, not the count, decides."""
+    import time
+
+    gate = threading.Event()
+
+    def graph(payloads: Sequence[object]) -> list[object]:
+        for p in payloads:
+            if p == "hold":
+                assert gate.wait(10)
+            else:
+                time.sleep(0.2)  # 200 ms per row (long, so that a loaded CI's oversleeping cannot flip a decision)
+        return [f"done:{p}" for p in payloads]
+
+    batcher = make(graph, "wait_bound_unit", max_batch_size=1, max_queue_delay_s=0.0, max_queue_size=100,
+                   max_queue_wait_s=0.7)
+
+    async def main() -> None:
+        assert await batcher.submit("timed") == "done:timed"  # measures >= 200 ms per row
+        held = asyncio.ensure_future(batcher.submit("hold"))
+        await wait_until(lambda: batcher.depth == 0)  # taken: the thread is busy with it
+        admitted = []
+        for i in range(3):  # the running row plus 0, 1 and 2 queued ahead: 0.2, 0.4 and 0.6 s <= 0.7 s
+            if i == 2:  # the early check also counts rows still on their way here (images decoding)
+                batcher.refuse_if_full()
+                with pytest.raises(OverloadedError):
+                    batcher.refuse_if_full(extra_rows=1)
+            admitted.append(asyncio.ensure_future(batcher.submit(f"q{i}")))
+            await wait_until(lambda i=i: batcher.depth == i + 1)
+        with pytest.raises(OverloadedError) as info:  # 1 + 3 rows ahead: >= 0.8 s > 0.7 s, with 97 places free
+            await batcher.submit("refused")
+        assert "MMFUSION_MAX_QUEUE_WAIT_MS" in info.value.message and int(info.value.headers["Retry-After"]) >= 1
+        gate.set()
+        assert await asyncio.gather(held, *admitted) == ["done:hold", "done:q0", "done:q1", "done:q2"]
+
+    try:
+        asyncio.run(main())
+    finally:
+        gate.set()
+        batcher.close()
+
+
+def test_no_wait_bound_when_it_is_zero_and_never_on_an_empty_queue() -> None:
+    import time
+
+    def slow(payloads: Sequence[object]) -> list[object]:
+        time.sleep(0.05 * len(payloads))
+        return list(payloads)
+
+    unbounded = make(slow, "no_wait_bound_unit", max_batch_size=1, max_queue_wait_s=0.0, max_queue_size=100)
+    tight = make(slow, "tight_wait_bound_unit", max_batch_size=1, max_queue_wait_s=0.001, max_queue_size=100)
+
+    async def main() -> None:
+        assert await asyncio.gather(*(unbounded.submit(i) for i in range(6))) == list(range(6))
+        assert unbounded.expected_wait_s() == 0.0
+        for i in range(3):  # one at a time: nothing ahead, so even a 1 ms bound admits each
+            assert await tight.submit(i) == i
+
+    try:
+        asyncio.run(main())
+    finally:
+        unbounded.close()
+        tight.close()
+
+
 def test_a_request_cancelled_while_queued_is_dropped_unrun_and_frees_its_slot() -> None:
     rec = Recorder(hold_first=True)
     batcher = make(rec, "cancel_unit", max_batch_size=4, max_queue_delay_s=0.0, max_queue_size=1)
