@@ -67,6 +67,7 @@ class PhaseResult:
 class Summary:
     capacity_rps: float
     queue_size: int
+    queue_wait_ms: float
     max_batch_size: int
     phases: list[PhaseResult] = field(default_factory=list)
     rss_before_mb: float = 0.0
@@ -232,18 +233,21 @@ async def open_loop(name: str, url: str, bodies: list[bytes], rate: float, secon
 
 
 def run(bundle: Path, *, phase_s: float, factor: float, normal_factor: float, queue_size: int, max_batch: int,
+        queue_wait_ms: float = 1000.0,
         capacity_clients: int, max_connections: int, latency_bound_ms: float, rss_tolerance: float = 0.10
         ) -> Summary:
     bodies = [request_body(i) for i in range(8)]
     with tempfile.TemporaryDirectory(prefix="mmfusion-overload-") as tmp:
         proc, url = start_server(bundle, Path(tmp) / "index", {
             "MMFUSION_MAX_QUEUE_SIZE": str(queue_size), "MMFUSION_MAX_BATCH_SIZE": str(max_batch),
+            "MMFUSION_MAX_QUEUE_WAIT_MS": str(queue_wait_ms),
             "MMFUSION_REQUEST_TIMEOUT_S": "30"})
         try:
             asyncio.run(closed_loop(url, bodies, 2, min(2.0, phase_s / 2)))  # warm-up
             capacity, _ = asyncio.run(closed_loop(url, bodies, capacity_clients, phase_s))
             rss_before = rss_mb(proc.pid)
-            summary = Summary(capacity_rps=capacity, queue_size=queue_size, max_batch_size=max_batch,
+            summary = Summary(capacity_rps=capacity, queue_size=queue_size, queue_wait_ms=queue_wait_ms,
+                              max_batch_size=max_batch,
                               rss_before_mb=rss_before)
             peak = [rss_before]
 
@@ -316,6 +320,7 @@ def run(bundle: Path, *, phase_s: float, factor: float, normal_factor: float, qu
 
 def format_summary(s: Summary) -> str:
     lines = [f"capacity (closed loop): {s.capacity_rps:.1f} req/s; MMFUSION_MAX_QUEUE_SIZE={s.queue_size}, "
+             f"MMFUSION_MAX_QUEUE_WAIT_MS={s.queue_wait_ms:g}, "
              f"MMFUSION_MAX_BATCH_SIZE={s.max_batch_size}"]
     for p in s.phases:
         lat = p.latency_ok_ms
@@ -346,13 +351,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--normal-factor", type=float, default=0.5, help="normal rate as a multiple of capacity")
     ap.add_argument("--queue-size", type=int, default=4, help="MMFUSION_MAX_QUEUE_SIZE of the server")
     ap.add_argument("--max-batch", type=int, default=8, help="MMFUSION_MAX_BATCH_SIZE of the server")
+    ap.add_argument("--queue-wait-ms", type=float, default=1000.0,
+                    help="MMFUSION_MAX_QUEUE_WAIT_MS of the server (0: bound the queues in requests only)")
     ap.add_argument("--capacity-clients", type=int, default=8)
     ap.add_argument("--max-connections", type=int, default=256)
     ap.add_argument("--latency-bound-ms", type=float, default=2000.0)
     ap.add_argument("--json", type=Path, default=None, help="also write the summary as JSON here")
     args = ap.parse_args(argv)
     summary = run(args.bundle, phase_s=args.phase_s, factor=args.factor, normal_factor=args.normal_factor,
-                  queue_size=args.queue_size, max_batch=args.max_batch, capacity_clients=args.capacity_clients,
+                  queue_size=args.queue_size, queue_wait_ms=args.queue_wait_ms, max_batch=args.max_batch,
+                  capacity_clients=args.capacity_clients,
                   max_connections=args.max_connections, latency_bound_ms=args.latency_bound_ms)
     print(format_summary(summary))
     if args.json:
