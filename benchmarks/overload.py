@@ -46,6 +46,11 @@ from benchmarks.common import start_uvicorn
 from benchmarks.load_client import LoadClient, ProtocolError
 
 IDLE_S = BatchingConfig.idle_s
+REQUEST_TIMEOUT_S = 30
+ISSUE_CHECKS = frozenset({
+    "excess refused with 503", "every 503 has Retry-After", "no other errors under overload", "no crash",
+    f"no admitted request past the {REQUEST_TIMEOUT_S} s request timeout",
+})
 
 QUESTIONS = ("what color is the circle?", "how many shapes are in the image?", "is there a large triangle?")
 
@@ -89,6 +94,12 @@ class Summary:
     @property
     def passed(self) -> bool:
         return all(self.checks.values())
+
+    @property
+    def issue_acceptance(self) -> bool:
+        """Issue 5's overload criteria only (no request past its timeout, 503 + Retry-After for the
+        excess, the process stays up, memory returns), without this script's stricter latency bounds."""
+        return all(v for k, v in self.checks.items() if k in ISSUE_CHECKS or k.startswith("RSS after"))
 
 
 def start_server(bundle: Path, index_dir: Path, env_extra: dict[str, str]) -> tuple[subprocess.Popen, str]:
@@ -241,7 +252,7 @@ def run(bundle: Path, *, phase_s: float, factor: float, normal_factor: float, qu
         proc, url = start_server(bundle, Path(tmp) / "index", {
             "MMFUSION_MAX_QUEUE_SIZE": str(queue_size), "MMFUSION_MAX_BATCH_SIZE": str(max_batch),
             "MMFUSION_MAX_QUEUE_WAIT_MS": str(queue_wait_ms),
-            "MMFUSION_REQUEST_TIMEOUT_S": "30"})
+            "MMFUSION_REQUEST_TIMEOUT_S": str(REQUEST_TIMEOUT_S)})
         try:
             asyncio.run(closed_loop(url, bodies, 2, min(2.0, phase_s / 2)))  # warm-up
             capacity, _ = asyncio.run(closed_loop(url, bodies, capacity_clients, phase_s))
@@ -304,6 +315,8 @@ def run(bundle: Path, *, phase_s: float, factor: float, normal_factor: float, qu
         "every 503 has Retry-After": over.retry_after_on_503 == over.statuses.get("503", 0),
         "no other errors under overload": over.errors == 0,
         "admitted requests answered": over.statuses.get("200", 0) > 0,
+        f"no admitted request past the {REQUEST_TIMEOUT_S} s request timeout": (
+            over.latency_ok_ms["max"] < REQUEST_TIMEOUT_S * 1000),
         f"server-side p95 under overload under {latency_bound_ms:g} ms": (
             0 < summary.server_p95_overload_ms < latency_bound_ms),
         # A tiny queue may still refuse a burst at half capacity; every such refusal must be a proper 503.
@@ -365,7 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     print(format_summary(summary))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({**asdict(summary), "passed": summary.passed}, indent=2))
+        args.json.write_text(json.dumps({**asdict(summary), "passed": summary.passed,
+                                               "issue_acceptance": summary.issue_acceptance}, indent=2))
     return 0 if summary.passed else 1
 
 
