@@ -41,7 +41,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import QUESTIONS, RESULTS_DIR, SEARCH_QUERY, machine_info, matmul_peak, photo_like_jpeg
+from benchmarks.common import (
+    QUESTIONS,
+    REPO_ROOT,
+    RESULTS_DIR,
+    SEARCH_QUERY,
+    machine_info,
+    matmul_peak,
+    photo_like_jpeg,
+)
 
 MODES: dict[str, dict[str, Any]] = {
     # Quick: enough for every acceptance ratio (1 and 16 clients), under 5 minutes on 2 busy cores.
@@ -415,7 +423,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         except (OSError, ValueError):
             passed = None
         result["overload_separate_run"] = {
-            "file": str(overload), "passed": passed,
+            "file": str(overload.relative_to(REPO_ROOT) if overload.is_relative_to(REPO_ROOT) else overload),
+            "passed": passed,
             "when": datetime.fromtimestamp(overload.stat().st_mtime, UTC).isoformat(timespec="seconds")}
     result["acceptance"] = acceptance(result)
 
