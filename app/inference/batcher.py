@@ -116,6 +116,9 @@ class GraphBatcher(Generic[P, R]):
         self._busy_s = 0.0  # exponential average of one batch's run time, for Retry-After
         self._row_s = 0.0  # exponential average of run time per row, for the queue's time bound
         self._running_rows = 0  # rows of the batches being run now (all instances)
+        # Rows queued, kept as a count (under _cond) so that refuse_if_full, called from the event loop
+        # without the lock, never iterates a deque an inference thread is popping from.
+        self._queued_rows = 0
         self._threads = [
             threading.Thread(target=self._loop, name=f"infer-{name}" + (f"-{i}" if i else ""), daemon=True)
             for i in range(instances)
@@ -140,7 +143,7 @@ class GraphBatcher(Generic[P, R]):
         """How long a request queued now would wait: the rows queued ahead of it (plus ``extra_rows``
         on their way here) and the batches running, at the measured time per row (0 before the first
         batch has been timed). Running batches count in full, so the estimate errs long."""
-        rows = sum(e.rows for e in self._queue) + extra_rows + self._running_rows
+        rows = self._queued_rows + extra_rows + self._running_rows
         return rows * self._row_s / len(self._threads)
 
     def refuse_if_full(self, extra_rows: int = 0) -> None:
@@ -157,7 +160,7 @@ class GraphBatcher(Generic[P, R]):
             )
         # Only with something queued ahead: a request may always wait behind the batches running,
         # or a batch slower than the bound would refuse every request of an idle queue.
-        if (cfg.max_queue_wait_s > 0 and (self._queue or extra_rows)
+        if (cfg.max_queue_wait_s > 0 and (self._queued_rows or extra_rows)
                 and (wait := self.expected_wait_s(extra_rows)) > cfg.max_queue_wait_s):
             metrics.REJECTED.labels(self.name).inc()
             raise OverloadedError(
@@ -179,6 +182,7 @@ class GraphBatcher(Generic[P, R]):
                 raise NotReadyError("the server is shutting down", retry_after_s=1)
             self.refuse_if_full()
             self._queue.append(entry)
+            self._queued_rows += entry.rows
             self._depth.inc()
             self._cond.notify()
         try:
@@ -194,6 +198,7 @@ class GraphBatcher(Generic[P, R]):
                 self._queue.remove(entry)
             except ValueError:
                 return  # already taken into a batch: it runs, its result is dropped
+            self._queued_rows -= entry.rows
             self._depth.dec()
             metrics.CANCELLED.labels(self.name).inc()
             self._cond.notify()
@@ -228,7 +233,7 @@ class GraphBatcher(Generic[P, R]):
                     return None  # closing, nothing left
                 deadline = self._queue[0].enqueued + cfg.max_queue_delay_s
                 while not self._closing:
-                    if sum(e.rows for e in self._queue) >= cfg.max_batch_size:
+                    if self._queued_rows >= cfg.max_batch_size:
                         break
                     remaining = deadline - time.perf_counter()
                     if remaining <= 0 or not self._queue:
@@ -243,6 +248,7 @@ class GraphBatcher(Generic[P, R]):
                     batch.append(entry)
                     rows += entry.rows
                 self._depth.dec(len(batch))
+                self._queued_rows -= rows
                 self._running_rows += rows
                 return batch
 
