@@ -694,9 +694,16 @@ def test_http_overload_answers_503_overloaded_with_retry_after_and_recovers(sett
                 threading.Event().wait(0.01)
             assert batcher.depth == 1
             refused = post()
+            # a classify always carries an image: refused before its body is parsed (this one is not JSON)
+            refused_unparsed = client.post("/v1/classify", content=b'{"image_base64": "not json',
+                                           headers={"content-type": "application/json"})
             hold.set()
             assert running.result(10).status_code == 200
             assert queued.result(10).status_code == 200
+        assert refused_unparsed.status_code == 503, refused_unparsed.text
+        assert refused_unparsed.json()["error"]["code"] == "overloaded"
+        assert client.post("/v1/classify", content=b'{"image_base64": "not json',
+                           headers={"content-type": "application/json"}).status_code == 400  # parsed once idle
         assert refused.status_code == 503
         assert refused.json()["error"]["code"] == "overloaded"
         assert int(refused.headers["Retry-After"]) >= 1

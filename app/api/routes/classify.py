@@ -25,7 +25,7 @@ from app.api.schemas import (
     Prediction,
 )
 from app.api.state import State
-from app.api.work import batched, decode
+from app.api.work import batched, decode, refuse_image_work
 from app.core.errors import (
     InvalidFieldError,
     MMFusionError,
@@ -63,6 +63,7 @@ def parse_top_k(raw: object, n_labels: int) -> int:
 async def classify(request: Request, state: State) -> ClassifyResponse:
     pipeline = state.require_pipeline()
     settings = state.settings
+    refuse_image_work(state)  # before parsing: a classify always carries an image (app/api/work.py)
     payload = await read_payload(request, ClassifyJSONRequest, max_part_bytes=settings.max_upload_bytes)
     text = check_text(payload.text, settings.max_text_chars)
     if payload.image is None:
