@@ -259,3 +259,14 @@ def test_static_qdq_keeps_the_fusion_heads_softmax_in_float(tiny_bundle: Path, t
     assert "QuantizeLinear" not in consumers
     probs = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(["probabilities"], feed(16))[0]
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+
+
+def test_candidates_are_timed_with_the_threads_the_server_gives_each_graph() -> None:
+    from app.core.config import container_cpus
+    from app.inference.runtime import intra_op_split
+
+    served = Int8Options()
+    for role in ("image_encoder", "text_encoder", "fusion_head"):
+        assert served.threads_for(role) == intra_op_split(role, container_cpus())
+    assert served.threads_for("fusion_head") == 1  # the server never gives the small head more
+    assert Int8Options(threads=3).threads_for("fusion_head") == 3  # an explicit count wins
