@@ -415,8 +415,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{result['machine']['cpus_usable']} CPUs): multi-threaded eager PyTorch (OpenMP spin barriers) "
             "slows down far more than ONNX Runtime when a core is taken, so eager ratios can be inflated")
     # benchmarks/overload.py's own result (another script, another run): with the shipped settings if present
-    overload = next((f for f in (args.out_dir / n for n in OVERLOAD_RESULTS) if f.is_file()), args.out_dir / "x")
-    if overload.is_file():
+    overload = next((f for f in (args.out_dir / n for n in OVERLOAD_RESULTS) if f.is_file()), None)
+    if overload is not None:
         try:
             saved = json.loads(overload.read_text())
             passed = saved.get("issue_acceptance", saved.get("passed"))

@@ -65,7 +65,6 @@ class BatchedPipeline:
         self.per_row = {role: not batch_invariant(session) for role, session in pipeline.sessions.items()}
         self._largest = {"image_encoder": 0, "text_encoder": 0, "fusion_head": 0}  # rows since the last shrink
         self._last_large = {role: 0.0 for role in self._largest}  # monotonic time of the last large batch
-        self._instances = {"image_encoder": image_instances, "text_encoder": 1, "fusion_head": 1}
         self._active = 0  # public calls in progress (all on the server's one event loop)
         self._closing = False
         self._idle = asyncio.Event()
@@ -76,6 +75,7 @@ class BatchedPipeline:
             "text_encoder", self._run_texts, config, on_idle=lambda: self._shrink_if_grown("text_encoder"))
         self.fusion: GraphBatcher[FusionPayload, np.ndarray] = GraphBatcher(
             "fusion_head", self._run_fusion, config, on_idle=lambda: self._shrink_if_grown("fusion_head"))
+        self._batchers = {"image_encoder": self.image, "text_encoder": self.text, "fusion_head": self.fusion}
 
     @asynccontextmanager
     async def _call(self) -> AsyncIterator[None]:
@@ -109,8 +109,7 @@ class BatchedPipeline:
         now = time.monotonic()
         if rows > SHRINK_AFTER_ROWS:
             self._last_large[role] = now
-        elif (self._largest[role] > SHRINK_AFTER_ROWS and self._instances[role] == 1
-              and now - self._last_large[role] >= self.config.idle_s):
+        elif self._batchers[role].instances == 1 and now - self._last_large[role] >= self.config.idle_s:
             self._shrink_if_grown(role)  # one inference thread: nothing else runs on this session now
         self._largest[role] = max(self._largest[role], rows)
 

@@ -133,6 +133,11 @@ class GraphBatcher(Generic[P, R]):
 
     # -- caller side (event loop) ---------------------------------------------------------
     @property
+    def instances(self) -> int:
+        """Inference threads draining this queue."""
+        return len(self._threads)
+
+    @property
     def depth(self) -> int:
         """Requests queued and not yet taken into a batch."""
         return len(self._queue)
@@ -284,10 +289,11 @@ class GraphBatcher(Generic[P, R]):
                 log.exception("%s batch of %d requests failed", self.name, len(batch))
                 results, error = [], exc
             elapsed = time.perf_counter() - started
+            rows = sum(e.rows for e in batch)
             with self._cond:
-                self._running_rows -= sum(e.rows for e in batch)
+                self._running_rows -= rows
             self._busy_s = elapsed if self._busy_s <= 0 else 0.8 * self._busy_s + 0.2 * elapsed
-            per_row = elapsed / sum(e.rows for e in batch)
+            per_row = elapsed / rows
             self._row_s = per_row if self._row_s <= 0 else 0.8 * self._row_s + 0.2 * per_row
             for i, entry in enumerate(batch):
                 result = None if error is not None else results[i]

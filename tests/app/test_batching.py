@@ -521,9 +521,9 @@ def test_aclose_lets_a_classify_in_progress_finish_and_then_refuses(tiny_pipelin
     asyncio.run(main())
 
 
-def test_the_memory_arena_is_shrunk_once_a_graph_goes_idle_after_a_large_batch_never_between_batches(
-        tiny_pipeline, monkeypatch) -> None:
-    session = tiny_pipeline.sessions["image_encoder"]
+def record_image_encoder_runs(pipeline: ModelPipeline, monkeypatch) -> list[tuple[int, bool]]:
+    """(rows, shrink_arena) of every image-encoder session run, in order."""
+    session = pipeline.sessions["image_encoder"]
     calls: list[tuple[int, bool]] = []
     real = session.run
 
@@ -532,8 +532,20 @@ def test_the_memory_arena_is_shrunk_once_a_graph_goes_idle_after_a_large_batch_n
         return real(feeds, shrink_arena=shrink_arena)
 
     monkeypatch.setattr(session, "run", recording)
-    size = tiny_pipeline.manifest.image.size
+    return calls
+
+
+def arena_batches(pipeline: ModelPipeline) -> tuple[np.ndarray, np.ndarray]:
+    """A batch that grows the arena (one row over SHRINK_AFTER_ROWS) and a 1-row one that does not."""
+    size = pipeline.manifest.image.size
     big, small = (np.zeros((n, 3, size, size), dtype=np.float32) for n in (SHRINK_AFTER_ROWS + 1, 1))
+    return big, small
+
+
+def test_the_memory_arena_is_shrunk_once_a_graph_goes_idle_after_a_large_batch_never_between_batches(
+        tiny_pipeline, monkeypatch) -> None:
+    calls = record_image_encoder_runs(tiny_pipeline, monkeypatch)
+    big, small = arena_batches(tiny_pipeline)
     bp = BatchedPipeline(tiny_pipeline, BatchingConfig(idle_s=0.3))
 
     async def main() -> None:
@@ -554,17 +566,8 @@ def test_the_memory_arena_is_shrunk_once_a_graph_goes_idle_after_a_large_batch_n
 def test_a_steady_light_load_after_a_burst_shrinks_the_arena_once_without_an_idle_queue(
         tiny_pipeline, monkeypatch) -> None:
     """A trickle of small batches never leaves the queue empty for idle_s, yet the burst's memory goes back."""
-    session = tiny_pipeline.sessions["image_encoder"]
-    calls: list[tuple[int, bool]] = []
-    real = session.run
-
-    def recording(feeds: dict[str, np.ndarray], *, shrink_arena: bool = False) -> dict[str, np.ndarray]:
-        calls.append((len(feeds["pixel_values"]), shrink_arena))
-        return real(feeds, shrink_arena=shrink_arena)
-
-    monkeypatch.setattr(session, "run", recording)
-    size = tiny_pipeline.manifest.image.size
-    big, small = (np.zeros((n, 3, size, size), dtype=np.float32) for n in (SHRINK_AFTER_ROWS + 1, 1))
+    calls = record_image_encoder_runs(tiny_pipeline, monkeypatch)
+    big, small = arena_batches(tiny_pipeline)
     bp = BatchedPipeline(tiny_pipeline, BatchingConfig(idle_s=0.4))
 
     async def main() -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from app.api.schemas import ErrorResponse, GraphInfo, HealthResponse, ModelInfoResponse
+from app.api.openapi import error_responses
+from app.api.schemas import GraphInfo, HealthResponse, ModelInfoResponse
 from app.api.state import State
 from app.core.errors import NotReadyError
 
@@ -18,7 +19,7 @@ async def livez() -> HealthResponse:
 
 
 @router.get("/readyz", response_model=HealthResponse, tags=["health"],
-            responses={503: {"model": ErrorResponse}}, summary="Model loaded and warmed up")
+            responses=error_responses(503), summary="Model loaded and warmed up")
 async def readyz(state: State) -> HealthResponse:
     if not state.ready:
         raise NotReadyError()
@@ -31,7 +32,7 @@ async def metrics() -> Response:
 
 
 @router.get("/v1/model", response_model=ModelInfoResponse, tags=["model"],
-            responses={503: {"model": ErrorResponse}}, summary="The loaded bundle and the providers in use")
+            responses=error_responses(503), summary="The loaded bundle and the providers in use")
 async def model_info(state: State) -> ModelInfoResponse:
     p = state.require_pipeline()
     m = p.manifest
