@@ -22,13 +22,14 @@ load time instead.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -52,6 +53,7 @@ from app.inference.runtime import intra_op_split
 from app.preprocessing.image import preprocess_pil
 from app.preprocessing.text import TextTokenizer
 from model.data.rows import Row
+from model.mixed_precision import greedy_keep_float, module_scopes, nodes_in
 
 log = logging.getLogger("mmfusion.quantize")
 
@@ -104,6 +106,21 @@ class Int8Options:
     skip: Mapping[str, str] = field(default_factory=dict)
     """Graphs not searched (role -> why): their int8 variant is the fp32 file and the reason is recorded.
     For a graph whose candidates are already known to fail, so a bounded build need not re-measure them."""
+    candidates: Mapping[str, tuple[Candidate, ...]] = field(default_factory=dict)
+    """Role -> the candidates to measure instead of ``candidates_for``'s (a known-good plan, so a bounded
+    build measures one candidate rather than searching). Each is still timed and judged like any other."""
+    float_fallback: bool = True
+    """When every static candidate of a graph is refused for fidelity alone, search which module blocks to
+    leave in float (``model.mixed_precision``; about 20-40 quantize runs, ~2 minutes for EfficientNet-Lite0)."""
+    max_float_scopes: int = 8
+    """At most this many module scopes are left in float by that search (beyond it INT8 saves little)."""
+    sensitivity_images: int = 32
+    """Validation inputs each sensitivity run is judged on (the final candidate is judged on all of them)."""
+    float_search_agreement: float = 0.995
+    """The pipeline top-1 agreement (validation split, only this graph in INT8) the float search must reach:
+    half of ``min_agreement``'s disagreement budget, leaving the rest to the other INT8 graphs and to the
+    step from validation to test. Measured on the default bundle: an image encoder found at 0.991 on
+    validation agreed 0.989 on test, under the 0.99 that ``precision=auto`` requires."""
 
 
 @dataclass
@@ -149,6 +166,8 @@ class Candidate:
     calibration: str | None = None  # "minmax" | "percentile" (static only)
     activation_type: str = "uint8"  # static only: "uint8" (U8S8) or "int8" (S8S8)
     reduce_range: bool = False
+    keep_float: tuple[str, ...] = ()
+    """Static only: module scopes (``model.mixed_precision.scope_of``) left unquantized."""
 
     @property
     def batch_variant(self) -> bool:
@@ -162,7 +181,8 @@ class Candidate:
         if self.method == "dynamic":
             return "dynamic_per_channel" + ("_reduce_range" if self.reduce_range else "")
         act = "u8s8" if self.activation_type == "uint8" else "s8s8"
-        return f"static_qdq_per_channel_{self.calibration}_{act}" + ("_reduce_range" if self.reduce_range else "")
+        return (f"static_qdq_per_channel_{self.calibration}_{act}" + ("_reduce_range" if self.reduce_range else "")
+                + (f"_{len(self.keep_float)}_scopes_float" if self.keep_float else ""))
 
 
 @dataclass
@@ -185,6 +205,8 @@ class CandidateResult:
     reason: str = ""
     batch_variant: bool = False
     """Rows depend on their batch-mates (dynamic quantization): the server runs it one row per call."""
+    keep_float: list[str] = field(default_factory=list)
+    """Module scopes this candidate leaves in float."""
 
     @property
     def served_ms_batch8(self) -> float:
@@ -205,6 +227,8 @@ class GraphReport:
     file: str = ""
     int8_ms_batch1: float | None = None
     int8_ms_batch8: float | None = None
+    float_search: dict | None = None
+    """The mixed-precision search's measurements (``model.mixed_precision.SearchLog``), when it ran."""
 
 
 @dataclass
@@ -245,6 +269,9 @@ def format_report(report: dict) -> str:
                      f"{ms(g['fp32_ms_batch8']):>8} {ms(g['int8_ms_batch8']):>8}")
         if g["chosen"] == "fp32":
             lines.append(f"{'':<14} int8 variant = the fp32 file: {g['reason']}")
+        kept = next((c.get("keep_float") for c in g["candidates"] if c["candidate"] == g["chosen"]), None)
+        if kept:
+            lines.append(f"{'':<14} left in float: {', '.join(kept)}")
     acc = ""
     if report.get("accuracy") is not None and report.get("fp32_accuracy") is not None:
         acc = f", accuracy {report['fp32_accuracy']:.4f} -> {report['accuracy']:.4f}"
@@ -513,10 +540,11 @@ def quantize_candidate(pre: Path, out: Path, cand: Candidate, calib: list[dict[s
     graph = onnx.load(str(pre), load_external_data=False).graph
     names = [i.name for i in graph.input]
     outputs = {o.name for o in graph.output}
-    keep_float = [n for n in graph.node if n.op_type in _FLOAT_OUTPUT_OPS and outputs & set(n.output)]
-    if any(not n.name for n in keep_float):  # nodes_to_exclude matches by name; quant_pre_process names them
+    float_outputs = [n for n in graph.node if n.op_type in _FLOAT_OUTPUT_OPS and outputs & set(n.output)]
+    if any(not n.name for n in float_outputs):  # nodes_to_exclude matches by name; quant_pre_process names them
         raise ValueError(f"{pre.name}: an unnamed {'/'.join(sorted(_FLOAT_OUTPUT_OPS))} node produces a graph "
                          "output; name it so static QDQ can leave it in float")
+    excluded = [n.name for n in float_outputs] + nodes_in(module_scopes(graph), cand.keep_float)
     kwargs: dict = {}
     extra: dict = {}
     if cand.calibration == "percentile":
@@ -528,7 +556,7 @@ def quantize_candidate(pre: Path, out: Path, cand: Candidate, calib: list[dict[s
         reduce_range=cand.reduce_range,
         activation_type=QuantType.QUInt8 if cand.activation_type == "uint8" else QuantType.QInt8,
         weight_type=QuantType.QInt8, calibrate_method=_CALIBRATION[cand.calibration or "minmax"],
-        nodes_to_exclude=[n.name for n in keep_float], extra_options=extra, **kwargs,
+        nodes_to_exclude=excluded, extra_options=extra, **kwargs,
     )
     return out
 
@@ -604,6 +632,132 @@ def evaluate_graph(role: str, fp32: ort.InferenceSession, cand: ort.InferenceSes
     return means, mins, agree, sum_error
 
 
+_FIDELITY_REFUSALS = ("output cosine", "fusion-head input cosine")
+
+
+def gate_margin(means: Mapping[str, float], consumed: set[str], options: Int8Options) -> float:
+    """How far the worst judged output's mean cosine is above its gate (>= 0: passes the cosine gates).
+    User-visible outputs answer to ``min_output_cosine``, outputs only the fusion head reads to
+    ``min_head_input_cosine`` (as in ``refusal``)."""
+    gaps = [v - (options.min_output_cosine if k in _USER_VISIBLE else options.min_head_input_cosine)
+            for k, v in means.items() if k in _USER_VISIBLE or k in consumed]
+    return min(gaps, default=float("-inf"))
+
+
+class _GraphSearch:
+    """Builds, times and judges INT8 candidates of one graph against its fp32 session."""
+
+    def __init__(self, role: str, fp32_path: Path, ops: dict[str, int], tokenizer: TextTokenizer,
+                 fp32_runner: GraphRunner, calib: Samples, select: Samples, consumed: set[str],
+                 options: Int8Options, work: Path, say: Callable[..., None]):
+        self.role, self.ops, self.consumed, self.options, self.work, self.say = role, ops, consumed, options, work, say
+        self.tokenizer, self.fp32_runner, self.select = tokenizer, fp32_runner, select
+        self._built: tuple[str, tuple[str, ...], ort.InferenceSession] | None = None
+        self.fp32 = session(fp32_path, options.threads_for(role))  # timed as the server runs it
+        self.sel_feeds = graph_feeds(role, select, tokenizer, fp32_runner)
+        self.b1, self.b8 = _bench_feeds(self.sel_feeds)
+        self.pre = preprocess(fp32_path, work / f"{role}.pre.onnx")
+        self.cal_feeds = graph_feeds(role, calib, tokenizer, fp32_runner)
+
+    def build(self, cand: Candidate) -> tuple[Path, ort.InferenceSession]:
+        out = self.work / f"{self.role}.{cand.name}.onnx"
+        quantize_candidate(self.pre, out, cand, self.cal_feeds, self.work)
+        sess = session(out, self.options.threads_for(self.role))
+        self._built = (cand.name, cand.keep_float, sess)
+        return out, sess
+
+    def measure(self, cand: Candidate) -> tuple[CandidateResult, Path | None]:
+        """Time (batch 1 and 8, alternately with fp32) and judge one candidate; a candidate that cannot
+        be built is a measured "no" (path None)."""
+        options = self.options
+        t0 = time.perf_counter()
+        try:
+            out, sess = self.build(cand)
+        except Exception as exc:
+            nan = float("nan")
+            return CandidateResult(cand.name, nan, nan, nan, nan, 0.0, {}, {}, keep_float=list(cand.keep_float),
+                                   reason=f"failed: {type(exc).__name__}: {exc}"), None
+        qsec = time.perf_counter() - t0
+        f1, ms1 = paired_ms(self.fp32, sess, self.b1, options.bench_seconds)
+        f8, ms8 = paired_ms(self.fp32, sess, self.b8, options.bench_seconds)
+        means, mins, agree, sum_error = evaluate_graph(self.role, self.fp32, sess, self.sel_feeds)
+        res = CandidateResult(cand.name, ms1, ms8, f1, f8, served_speedup(f1, ms1, f8, ms8, cand.batch_variant),
+                              means, mins, agree, batch_variant=cand.batch_variant, keep_float=list(cand.keep_float))
+        res.reason = refusal(means, self.consumed, agree, res.speedup, cand.batch_variant, options, sum_error)
+        if not res.reason:
+            res.accepted, res.reason = True, "faithful" + (" and faster" if res.speedup >= options.min_speedup else "")
+        worst = min([v for k, v in means.items() if k in self.consumed], default=0.0)
+        self.say(f"  {self.role:<13} {cand.name:<44} b1 {f1:7.2f} -> {ms1:7.2f} ms  b8 {f8:7.2f} -> {ms8:7.2f} ms  "
+                 f"x{res.speedup:.2f}  cos {worst:.4f}" + (f"  agree {agree:.4f}" if agree is not None else "")
+                 + f"  ({qsec:.1f}s) {'ok' if res.accepted else res.reason}")
+        return res, out
+
+    def fidelity(self, cand: Candidate, feeds: list[dict[str, np.ndarray]]) -> tuple[float, float]:
+        """(cosine-gate margin, error score) of a candidate on ``feeds``, untimed (the sensitivity runs);
+        see ``model.mixed_precision.Fidelity``."""
+        try:
+            _, sess = self.build(cand)
+        except Exception as exc:
+            log.info("%s: %s cannot be built (%s)", self.role, cand.name, exc)
+            return float("-inf"), float("inf")
+        means = evaluate_graph(self.role, self.fp32, sess, feeds)[0]
+        judged = [v for k, v in means.items() if k in _USER_VISIBLE or k in self.consumed]
+        return (gate_margin(means, self.consumed, self.options),
+                float(sum(np.log(max(1.0 - v, 1e-9)) for v in judged)))
+
+    def passes(self, cand: Candidate) -> tuple[bool, str]:
+        """The full fidelity check of the candidate ``fidelity`` just built: every validation input, and
+        the top-1 agreement of the pipeline with only this graph in INT8 (``float_search_agreement``)."""
+        if self._built is None or self._built[:2] != (cand.name, cand.keep_float):
+            _, sess = self.build(cand)
+        else:
+            sess = self._built[2]
+        means, _, agree, sum_error = evaluate_graph(self.role, self.fp32, sess, self.sel_feeds)
+        why = refusal(means, self.consumed, agree, float("inf"), cand.batch_variant, self.options, sum_error)
+        if why:
+            return False, why
+        alone = mix_agreements(self.select, self.tokenizer, self.fp32_runner.sessions, {self.role: sess})
+        agreement = alone[frozenset({self.role})]
+        bar = self.options.float_search_agreement
+        ok = agreement >= bar
+        self.say(f"  {self.role:<13} {len(cand.keep_float)} scope(s) in float: pipeline agreement {agreement:.4f}"
+                 + ("" if ok else f" < {bar}"))
+        return ok, f"pipeline top-1 agreement {agreement:.4f}" + ("" if ok else f" < {bar}")
+
+    def float_fallback(self, tried: list[CandidateResult]
+                       ) -> tuple[CandidateResult | None, Path | None, dict | None]:
+        """When static candidates were refused for fidelity alone, the one closest to its gates is rerun
+        with the module scopes chosen by ``greedy_keep_float`` left in float, then timed and judged in
+        full like every candidate (so it still has to be faster)."""
+        by_name = {c.name: c for c in (self.options.candidates.get(self.role) or candidates_for(self.role, self.ops))}
+        near = [(gate_margin(r.output_cosine_mean, self.consumed, self.options), by_name[r.candidate]) for r in tried
+                if r.candidate in by_name and by_name[r.candidate].method == "static_qdq"
+                and r.reason.startswith(_FIDELITY_REFUSALS)]
+        if not near:
+            return None, None, None
+        base = max(near, key=lambda t: t[0])[1]
+        scopes = module_scopes(onnx.load(str(self.pre), load_external_data=False).graph)
+        feeds, rows = [], 0
+        for f in self.sel_feeds:  # the first ``sensitivity_images`` rows: each run must stay cheap
+            if rows >= self.options.sensitivity_images:
+                break
+            feeds.append(f)
+            rows += len(next(iter(f.values())))
+        self.say(f"  {self.role:<13} every static candidate misses a fidelity gate: ranking {len(scopes)} module "
+                 f"scopes by what leaving each in float buys ({base.name})")
+        keep, search_log = greedy_keep_float(
+            scopes, lambda k: self.fidelity(dataclasses.replace(base, keep_float=k), feeds),
+            passes=lambda k: self.passes(dataclasses.replace(base, keep_float=k)),
+            start=base.keep_float, max_float=self.options.max_float_scopes)
+        report = asdict(search_log) | {"base": base.name, "scopes": len(scopes)}
+        self.say(f"  {self.role:<13} float search: {search_log.outcome}"
+                 + (f" ({', '.join(keep)})" if keep else ""))
+        if keep is None:
+            return None, None, report
+        res, out = self.measure(dataclasses.replace(base, keep_float=keep))
+        return res, out, report
+
+
 def quantize_graphs(
     graph_dir: Path,
     fp32_files: dict[str, str],
@@ -638,43 +792,22 @@ def quantize_graphs(
                 reports[role] = GraphReport(role, ops, reason=f"not searched: {options.skip[role]}")
                 say(f"  {role:<13} not searched: {options.skip[role]}")
                 continue
-            fp32_sess = session(fp32_paths[role], options.threads_for(role))  # timed as the server runs it
-            sel_feeds = graph_feeds(role, select, tokenizer, fp32_runner)
-            b1, b8 = _bench_feeds(sel_feeds)
+            search = _GraphSearch(role, fp32_paths[role], ops, tokenizer, fp32_runner, calib, select, consumed,
+                                  options, work, say)
             rep = GraphReport(role, ops)
-            pre = preprocess(fp32_paths[role], work / f"{role}.pre.onnx")
-            cal_feeds = graph_feeds(role, calib, tokenizer, fp32_runner)
             best: tuple[CandidateResult, Path] | None = None
-            for cand in candidates_for(role, ops):
-                out = work / f"{role}.{cand.name}.onnx"
-                t0 = time.perf_counter()
-                try:
-                    quantize_candidate(pre, out, cand, cal_feeds, work)
-                    sess = session(out, options.threads_for(role))
-                except Exception as exc:  # a candidate that cannot be built is a measured "no"
-                    nan = float("nan")
-                    rep.candidates.append(CandidateResult(cand.name, nan, nan, nan, nan, 0.0, {}, {},
-                                                          reason=f"failed: {type(exc).__name__}: {exc}"))
-                    continue
-                qsec = time.perf_counter() - t0
-                f1, ms1 = paired_ms(fp32_sess, sess, b1, options.bench_seconds)
-                f8, ms8 = paired_ms(fp32_sess, sess, b8, options.bench_seconds)
-                means, mins, agree, sum_error = evaluate_graph(role, fp32_sess, sess, sel_feeds)
-                res = CandidateResult(cand.name, ms1, ms8, f1, f8, served_speedup(f1, ms1, f8, ms8, cand.batch_variant),
-                                      means, mins, agree, batch_variant=cand.batch_variant)
-                speedup = res.speedup
-                worst = min([v for k, v in means.items() if k in consumed], default=0.0)
-                res.reason = refusal(means, consumed, agree, speedup, cand.batch_variant, options, sum_error)
-                if not res.reason:
-                    res.accepted, res.reason = True, "faithful" + (" and faster" if speedup >= options.min_speedup
-                                                                     else "")
+            for cand in options.candidates.get(role) or candidates_for(role, ops):
+                res, out = search.measure(cand)
                 rep.candidates.append(res)
-                say(f"  {role:<13} {cand.name:<44} b1 {f1:7.2f} -> {ms1:7.2f} ms  b8 {f8:7.2f} -> {ms8:7.2f} ms  "
-                    f"x{speedup:.2f}  "
-                    f"cos {worst:.4f}" + (f"  agree {agree:.4f}" if agree is not None else "")
-                    + f"  ({qsec:.1f}s) {'ok' if res.accepted else res.reason}")
-                if res.accepted and (best is None or _better(res, best[0], options.require_speedup)):
+                better = best is None or _better(res, best[0], options.require_speedup)
+                if out is not None and res.accepted and better:
                     best = (res, out)
+            if best is None and options.float_fallback:
+                res, out, rep.float_search = search.float_fallback(rep.candidates)
+                if res is not None:
+                    rep.candidates.append(res)
+                    if out is not None and res.accepted:
+                        best = (res, out)
             timed = [c for c in rep.candidates if np.isfinite(c.fp32_ms_batch1)]
             if timed:  # the fp32 figures shown: those timed alongside the chosen (else the first) candidate
                 shown = best[0] if best is not None else timed[0]

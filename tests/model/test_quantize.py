@@ -270,3 +270,69 @@ def test_candidates_are_timed_with_the_threads_the_server_gives_each_graph() -> 
         assert served.threads_for(role) == intra_op_split(role, container_cpus())
     assert served.threads_for("fusion_head") == 1  # the server never gives the small head more
     assert Int8Options(threads=3).threads_for("fusion_head") == 3  # an explicit count wins
+
+
+def test_a_scope_kept_in_float_reads_float_weights_while_the_rest_is_quantized(tiny_bundle: Path,
+                                                                               tmp_path: Path) -> None:
+    """The mixed-precision candidate: ``keep_float`` must leave that block's weights unquantized (and
+    nothing else), on the real exported image encoder."""
+    from model.mixed_precision import module_scopes
+    from model.quantize import Candidate, preprocess, quantize_candidate
+
+    manifest = load_bundle_manifest(tiny_bundle)
+    src = tiny_bundle / manifest.graphs["image_encoder"].variants["fp32"].file
+    pre = preprocess(src, tmp_path / "image.pre.onnx")
+    scopes = module_scopes(onnx.load(str(pre)).graph)
+    kept, other = list(scopes)[1], list(scopes)[0]
+    size = manifest.image.size
+    rng = np.random.default_rng(0)
+    calib = [{"pixel_values": rng.standard_normal((4, 3, size, size)).astype(np.float32)} for _ in range(4)]
+    out = quantize_candidate(pre, tmp_path / "image.int8.onnx",
+                             Candidate("static_qdq", "minmax", "uint8", keep_float=(kept,)), calib, tmp_path)
+    graph = onnx.load(str(out)).graph
+    dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    convs = {n.name: n for n in graph.node if n.op_type == "Conv"}
+    in_kept = [n for name, n in convs.items() if name in scopes[kept]]
+    in_other = [n for name, n in convs.items() if name in scopes[other]]
+    assert in_kept and in_other
+    assert all(n.input[1] not in dequantized for n in in_kept), "the kept scope's weights must stay float"
+    assert all(n.input[1] in dequantized for n in in_other), "the other scopes must still be quantized"
+    with pytest.raises(ValueError, match="no module scope"):
+        quantize_candidate(pre, tmp_path / "bad.onnx", Candidate("static_qdq", "minmax", "uint8",
+                                                                 keep_float=("/no/such/block",)), calib, tmp_path)
+
+
+def test_the_float_search_runs_and_is_recorded_when_static_candidates_miss_only_fidelity(
+        tiny_bundle: Path, tiny_run: Path, tmp_path: Path) -> None:
+    """A fidelity bar no fully quantized CNN meets: the search ranks every module scope of the image encoder
+    and its measurements land in the report (and ``quantization.json``)."""
+    from app.bundle.manifest import GraphSpec
+    from app.preprocessing.text import TextTokenizer
+    from model.data.prepared import prepare_data
+    from model.export import add_int8_variants, quant_data
+    from model.mixed_precision import module_scopes
+    from model.quantize import preprocess
+    from model.train import load_run
+
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundle, bundle)
+    manifest = load_bundle_manifest(bundle)
+    _, cfg, _ = load_run(tiny_run)
+    options = Int8Options(calibration_samples=32, selection_samples=32, evaluation_samples=64, bench_seconds=0.01,
+                          min_output_cosine=0.99999, min_head_input_cosine=0.99999, require_speedup=False,
+                          max_float_scopes=2, skip={"text_encoder": "test", "fusion_head": "test"})
+    data = prepare_data(cfg, progress=False)
+    qdata = quant_data({s: data.split(s) for s in ("train", "val", "test")}, manifest.image, list(manifest.labels),
+                       options)
+    tok = TextTokenizer(bundle / "tokenizer.json", manifest.text.max_length)
+    _, _, report = add_int8_variants(bundle, dict[str, GraphSpec](manifest.graphs), tok, qdata, options)
+    image = report.graphs["image_encoder"]
+    assert all(c.reason.startswith("output cosine") for c in image.candidates if not c.keep_float)
+    search = image.float_search
+    assert search is not None and search["base"] in {c.candidate for c in image.candidates}
+    scopes = module_scopes(onnx.load(str(preprocess(bundle / "image_encoder.onnx", tmp_path / "pre.onnx"))).graph)
+    assert set(search["gains"]) == set(scopes)  # every scope with a conv/matmul was measured alone
+    assert search["steps"][0]["keep_float"] == [] and search["outcome"]
+    tried = [c for c in image.candidates if c.keep_float]
+    assert len(tried) == (1 if search["outcome"].startswith("passes") else 0)
+    assert json.loads(json.dumps(report.to_dict()))["graphs"]["image_encoder"]["float_search"] == search
