@@ -815,6 +815,8 @@ def quantize_graphs(
             if best is None:
                 rep.chosen = "fp32"
                 rep.reason = "; ".join(f"{c.candidate}: {c.reason}" for c in rep.candidates) or "no candidate"
+                if rep.float_search is not None and not any(c.keep_float for c in rep.candidates):
+                    rep.reason += f"; float search: {rep.float_search['outcome']}"
             else:
                 rep.chosen = best[0].candidate
                 rep.reason = best[0].reason
