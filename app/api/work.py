@@ -53,7 +53,7 @@ def refuse_image_work(state: ServiceState) -> None:
     Uvicorn keeps the connection alive without the unread body.
     """
     if state.pending_decodes >= state.settings.max_queue_size:
-        metrics.REJECTED.labels(graph="decode").inc()
+        metrics.REJECTED.labels(graph="decode", reason="queue_full").inc()
         raise OverloadedError(f"{state.pending_decodes} images are waiting to be decoded; retry shortly")
     pipeline = state.require_pipeline()
     if pipeline.batched is not None:

@@ -15,8 +15,11 @@ Who records what:
   queue (``stage`` = the graph name, kept by ``app.inference.batcher.GraphBatcher``).
 * ``mmfusion_queue_wait_seconds{graph}``: time from joining a graph's batching queue to the start of
   the batch that carried the request.
-* ``mmfusion_rejected_total{graph}``: requests refused with 503 ``overloaded`` because that graph's
-  queue was full; ``mmfusion_cancelled_total{graph}``: requests dropped from the queue unrun because
+* ``mmfusion_rejected_total{graph,reason}``: requests refused with 503 ``overloaded`` because that
+  graph's queue (or, ``graph="decode"``, the decode backlog) was full: ``reason`` = ``queue_full``
+  (``MMFUSION_MAX_QUEUE_SIZE`` requests waiting) or ``queue_wait`` (more work queued than
+  ``MMFUSION_MAX_QUEUE_WAIT_MS``), which tells an operator which of the two settings to look at;
+  ``mmfusion_cancelled_total{graph}``: requests dropped from the queue unrun because
   their caller went away (client disconnect, request timeout).
 * ``mmfusion_text_cache_total{result}``: text-encoder cache lookups, ``result`` = ``hit`` or ``miss``
   (one per text row); ``mmfusion_text_cache_entries``: rows held.
@@ -51,7 +54,9 @@ QUEUE_WAIT = Histogram(
     "mmfusion_queue_wait_seconds", "Time a request waited in a graph's batching queue", ["graph"],
     buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
-REJECTED = Counter("mmfusion_rejected_total", "Requests refused because a batching queue was full", ["graph"])
+REJECTED = Counter("mmfusion_rejected_total", "Requests refused because a batching queue was full",
+                   ["graph", "reason"])
+REJECT_REASONS = ("queue_full", "queue_wait")
 CANCELLED = Counter("mmfusion_cancelled_total", "Queued requests dropped unrun (caller went away)", ["graph"])
 TEXT_CACHE = Counter("mmfusion_text_cache_total", "Text-encoder cache lookups per text row", ["result"])
 TEXT_CACHE_ENTRIES = Gauge("mmfusion_text_cache_entries", "Text-encoder outputs held in the cache")
@@ -66,12 +71,14 @@ for _graph in GRAPHS:  # export the series at 0 before the first call, so dashbo
     INFERENCE_LATENCY.labels(_graph)
     BATCH_SIZE.labels(_graph)
     QUEUE_WAIT.labels(_graph)
-    REJECTED.labels(_graph)
+    for _reason in REJECT_REASONS:
+        REJECTED.labels(_graph, _reason)
     CANCELLED.labels(_graph)
 for _result in ("hit", "miss"):
     TEXT_CACHE.labels(_result)
 for _stage in STAGES:
     QUEUE_DEPTH.labels(_stage).set(0)
+REJECTED.labels("decode", "queue_full")
 
 
 def observe_inference(graph: str, batch_size: int, seconds: float) -> None:

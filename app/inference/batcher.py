@@ -161,7 +161,7 @@ class GraphBatcher(Generic[P, R]):
         queue before this request (images still being decoded)."""
         cfg = self.config
         if self.depth >= cfg.max_queue_size:
-            metrics.REJECTED.labels(self.name).inc()
+            metrics.REJECTED.labels(self.name, "queue_full").inc()
             raise OverloadedError(
                 f"the {self.name} queue is full ({cfg.max_queue_size} requests waiting); retry shortly",
                 retry_after_s=self.retry_after_s(),
@@ -170,7 +170,7 @@ class GraphBatcher(Generic[P, R]):
         # or a batch slower than the bound would refuse every request of an idle queue.
         if (cfg.max_queue_wait_s > 0 and (self._queued_rows or extra_rows)
                 and (wait := self.expected_wait_s(extra_rows)) > cfg.max_queue_wait_s):
-            metrics.REJECTED.labels(self.name).inc()
+            metrics.REJECTED.labels(self.name, "queue_wait").inc()
             raise OverloadedError(
                 f"the {self.name} queue holds ~{wait * 1000:.0f} ms of work, more than MMFUSION_MAX_QUEUE_WAIT_MS "
                 f"({cfg.max_queue_wait_s * 1000:.0f} ms); retry shortly",

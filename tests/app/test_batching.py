@@ -145,7 +145,7 @@ def test_a_full_batch_goes_at_once_without_waiting_for_the_delay() -> None:
 def test_a_full_queue_refuses_at_once_with_overloaded_and_retry_after() -> None:
     rec = Recorder(hold_first=True)
     batcher = make(rec, "overload_unit", max_batch_size=1, max_queue_delay_s=0.0, max_queue_size=2)
-    rejected = sample("mmfusion_rejected_total", {"graph": "overload_unit"})
+    rejected = sample("mmfusion_rejected_total", {"graph": "overload_unit", "reason": "queue_full"})
 
     async def main() -> None:
         running = asyncio.ensure_future(batcher.submit("running"))
@@ -163,7 +163,8 @@ def test_a_full_queue_refuses_at_once_with_overloaded_and_retry_after() -> None:
         asyncio.run(main())
     finally:
         batcher.close()
-    assert sample("mmfusion_rejected_total", {"graph": "overload_unit"}) == rejected + 1
+    assert sample("mmfusion_rejected_total", {"graph": "overload_unit", "reason": "queue_full"}) == rejected + 1
+    assert sample("mmfusion_rejected_total", {"graph": "overload_unit", "reason": "queue_wait"}) == 0
     assert "refused" not in [p for b in rec.batches for p in b]
 
 
@@ -183,6 +184,7 @@ def test_a_queue_holding_more_work_than_the_wait_bound_refuses_before_it_is_full
 
     batcher = make(graph, "wait_bound_unit", max_batch_size=1, max_queue_delay_s=0.0, max_queue_size=100,
                    max_queue_wait_s=0.7)
+    by_wait = {"graph": "wait_bound_unit", "reason": "queue_wait"}
 
     async def main() -> None:
         assert await batcher.submit("timed") == "done:timed"  # measures >= 200 ms per row
@@ -199,6 +201,8 @@ def test_a_queue_holding_more_work_than_the_wait_bound_refuses_before_it_is_full
         with pytest.raises(OverloadedError) as info:  # 1 + 3 rows ahead: >= 0.8 s > 0.7 s, with 97 places free
             await batcher.submit("refused")
         assert "MMFUSION_MAX_QUEUE_WAIT_MS" in info.value.message and int(info.value.headers["Retry-After"]) >= 1
+        assert sample("mmfusion_rejected_total", by_wait) == 2  # refuse_if_full(extra_rows=1), then this one
+        assert sample("mmfusion_rejected_total", {**by_wait, "reason": "queue_full"}) == 0
         gate.set()
         assert await asyncio.gather(held, *admitted) == ["done:hold", "done:q0", "done:q1", "done:q2"]
 
