@@ -94,6 +94,7 @@ def greedy_keep_float(
     passes: Callable[[tuple[str, ...]], tuple[bool, str]] | None = None,
     start: tuple[str, ...] = (),
     max_float: int = 8,
+    track: Callable[[list[str], str], Iterable[str]] = lambda items, desc: items,
 ) -> tuple[tuple[str, ...] | None, SearchLog]:
     """The fewest scopes to keep in float for the candidate to pass, chosen greedily in two rounds.
 
@@ -107,7 +108,8 @@ def greedy_keep_float(
     with 4 blocks in float while the classifier, which reads the region features, still changed 1.6 % of
     its answers; the block that fixed that (regions cosine 0.9895 -> 0.9923, answers 0.984 -> 0.991)
     *lowered* the embedding's cosine, so no ranking by the margin would ever have picked it.
-    Returns None when ``max_float`` scopes do not pass.
+    Returns None when ``max_float`` scopes do not pass. ``track(items, description)`` wraps each
+    ranking pass (a progress bar: one pass is a quantize run per scope, minutes on a large CNN).
     """
 
     def full(keep: tuple[str, ...], fid: Fidelity) -> bool:
@@ -121,10 +123,10 @@ def greedy_keep_float(
     def rank(keep: tuple[str, ...], base: Fidelity, by: int) -> list[str]:
         """Remaining scopes with a positive gain on top of ``keep``, best first (by 0: margin, 1: error)."""
         gains = {}
-        for scope in scopes_list:
-            if scope not in keep:
-                fid = measure((*keep, scope))
-                gains[scope] = fid[0] - base[0] if by == 0 else base[1] - fid[1]
+        todo = [s for s in scopes_list if s not in keep]
+        for scope in track(todo, "ranking blocks by " + ("gate margin" if by == 0 else "error score")):
+            fid = measure((*keep, scope))
+            gains[scope] = fid[0] - base[0] if by == 0 else base[1] - fid[1]
         (log.gains if by == 0 else log.error_gains).update(gains)
         return sorted((s for s, g in gains.items() if g > 0), key=lambda s: -gains[s])
 

@@ -29,7 +29,7 @@ import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -46,6 +46,7 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 from PIL import Image
+from tqdm.auto import tqdm
 
 from app.bundle.manifest import ImagePreprocessing
 from app.core.config import container_cpus
@@ -649,15 +650,20 @@ class _GraphSearch:
 
     def __init__(self, role: str, fp32_path: Path, ops: dict[str, int], tokenizer: TextTokenizer,
                  fp32_runner: GraphRunner, calib: Samples, select: Samples, consumed: set[str],
-                 options: Int8Options, work: Path, say: Callable[..., None]):
+                 options: Int8Options, work: Path, say: Callable[..., None], progress: bool = False):
         self.role, self.ops, self.consumed, self.options, self.work, self.say = role, ops, consumed, options, work, say
         self.tokenizer, self.fp32_runner, self.select = tokenizer, fp32_runner, select
+        self.progress = progress
         self._built: tuple[str, tuple[str, ...], ort.InferenceSession] | None = None
         self.fp32 = session(fp32_path, options.threads_for(role))  # timed as the server runs it
         self.sel_feeds = graph_feeds(role, select, tokenizer, fp32_runner)
         self.b1, self.b8 = _bench_feeds(self.sel_feeds)
         self.pre = preprocess(fp32_path, work / f"{role}.pre.onnx")
         self.cal_feeds = graph_feeds(role, calib, tokenizer, fp32_runner)
+
+    def track(self, items: list[str], desc: str) -> Iterable[str]:
+        """A progress bar over one ranking pass when progress is shown (a pass takes minutes on a CNN)."""
+        return tqdm(items, desc=f"  {self.role} {desc}", unit="block", leave=False) if self.progress else items
 
     def build(self, cand: Candidate) -> tuple[Path, ort.InferenceSession]:
         out = self.work / f"{self.role}.{cand.name}.onnx"
@@ -748,7 +754,7 @@ class _GraphSearch:
         keep, search_log = greedy_keep_float(
             scopes, lambda k: self.fidelity(dataclasses.replace(base, keep_float=k), feeds),
             passes=lambda k: self.passes(dataclasses.replace(base, keep_float=k)),
-            start=base.keep_float, max_float=self.options.max_float_scopes)
+            start=base.keep_float, max_float=self.options.max_float_scopes, track=self.track)
         report = asdict(search_log) | {"base": base.name, "scopes": len(scopes)}
         self.say(f"  {self.role:<13} float search: {search_log.outcome}"
                  + (f" ({', '.join(keep)})" if keep else ""))
@@ -793,7 +799,7 @@ def quantize_graphs(
                 say(f"  {role:<13} not searched: {options.skip[role]}")
                 continue
             search = _GraphSearch(role, fp32_paths[role], ops, tokenizer, fp32_runner, calib, select, consumed,
-                                  options, work, say)
+                                  options, work, say, progress)
             rep = GraphReport(role, ops)
             best: tuple[CandidateResult, Path] | None = None
             for cand in options.candidates.get(role) or candidates_for(role, ops):

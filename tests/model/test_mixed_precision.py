@@ -74,8 +74,16 @@ def test_when_the_full_check_fails_the_rest_is_reranked_by_error_not_margin() ->
         checked.append(keep)
         return "c" in keep, "agreement " + ("ok" if "c" in keep else "low")
 
-    keep, log = greedy_keep_float(["a", "b", "c", "d"], measure, passes=passes)
+    passes_shown: list[tuple[list[str], str]] = []
+
+    def track(items: list[str], desc: str) -> list[str]:
+        passes_shown.append((list(items), desc))
+        return items
+
+    keep, log = greedy_keep_float(["a", "b", "c", "d"], measure, passes=passes, track=track)
     assert keep == ("a", "c")
+    assert passes_shown == [(["a", "b", "c", "d"], "ranking blocks by gate margin"),
+                            (["b", "c", "d"], "ranking blocks by error score")]  # one progress bar per pass
     assert checked == [("a",), ("a", "c")]  # the full check only once the margin passed
     assert log.error_gains["c"] == pytest.approx(0.5) and "c" not in [s for s, g in log.gains.items() if g > 0]
     assert log.steps[-1]["check"] == "agreement ok"
