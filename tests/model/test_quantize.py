@@ -336,3 +336,16 @@ def test_the_float_search_runs_and_is_recorded_when_static_candidates_miss_only_
     tried = [c for c in image.candidates if c.keep_float]
     assert len(tried) == (1 if search["outcome"].startswith("passes") else 0)
     assert json.loads(json.dumps(report.to_dict()))["graphs"]["image_encoder"]["float_search"] == search
+
+
+def test_export_warns_when_auto_precision_will_not_serve_the_int8_variant() -> None:
+    """The validation split chooses the mix, the test split is recorded, and the server's ``auto`` reads the
+    recorded figure: a variant under its bar would ship and silently never be used."""
+    from app.bundle.manifest import VariantQuality
+    from app.inference.runtime import MIN_TOP1_AGREEMENT
+    from model.export import auto_precision_note
+
+    assert auto_precision_note("int8", VariantQuality(top1_agreement=MIN_TOP1_AGREEMENT, samples=1200)) is None
+    assert auto_precision_note("int8", VariantQuality(top1_agreement=None)) is None
+    note = auto_precision_note("int8", VariantQuality(top1_agreement=0.9892, samples=1200))
+    assert note is not None and "0.9892 on 1200" in note and "MMFUSION_PRECISION=int8" in note
