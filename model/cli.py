@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep a faithful INT8 graph even when it is not faster than fp32 on this CPU")
     p.add_argument("--float-search", action=argparse.BooleanOptionalAction, default=True,
                    help="when every static INT8 candidate of a graph misses a fidelity gate, search which module "
-                   "blocks to leave in float, ranked by measured sensitivity (about 4-6 minutes for EfficientNet-Lite0 "
+                   "blocks to leave in float, ranked by measured sensitivity (about 9 minutes for EfficientNet-Lite0 "
                    "on 2 cores; default: on)")
     p.add_argument("--fp16", action="store_true",
                    help="also write an fp16 variant per graph for GPUs (float32 inputs/outputs; its top-1 agreement "
@@ -319,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(as `mmfusion export --int8`; about 100 s on 2 cores; default: on)")
     p.add_argument("--int8-image-encoder", action="store_true",
                    help="also search the image encoder's INT8 variant: static QDQ candidates, then the per-block "
-                   "float search (about 6 more minutes on 2 cores; known to miss the answer-agreement bar for this "
+                   "float search (about 10 more minutes on 2 cores; known to miss the answer-agreement bar for this "
                    "model, see README 'INT8')")
     p.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=True,
                    help="write an fp16 variant per graph for GPUs (float32 inputs/outputs; its top-1 agreement "

@@ -73,8 +73,8 @@ class SearchLog:
     base_margin: float
     gains: dict[str, float] = field(default_factory=dict)
     """Round 1: scope -> how much leaving it in float (on top of the start) raised the gate margin."""
-    error_gains: dict[str, float] = field(default_factory=dict)
-    """Round 2, when it ran: scope -> how much it lowered the error score on top of round 1's choice."""
+    divergence_gains: dict[str, float] = field(default_factory=dict)
+    """Round 2, when it ran: scope -> how much it lowered the answer divergence on top of round 1's choice."""
     steps: list[dict] = field(default_factory=list)
     """Each greedy step: the scopes kept in float, the margin it reached and, once the margin passed,
     the verdict of the full check (``passes``)."""
@@ -82,9 +82,9 @@ class SearchLog:
 
 
 Fidelity = tuple[float, float]
-"""(gate margin, error score) of one quantize run: the margin is how far the worst judged output's mean
-cosine is above its gate (>= 0 passes); the error score sums log(1 - cosine) over every judged output, so
-it moves when *any* output improves, not only the worst one."""
+"""(gate margin, answer divergence) of one quantize run: the margin is how far the worst judged output's
+mean cosine is above its gate (>= 0 passes); the divergence is how far the classifier's answers move from
+fp32's (mean KL divergence of its probabilities), which sees what the answers hinge on and no cosine does."""
 
 
 def greedy_keep_float(
@@ -103,17 +103,18 @@ def greedy_keep_float(
     the gate margin, re-measuring the combination each time (the gains do not add up: three blocks worth
     +0.09 alone reached +0.08 together), until the margin passes. Then ``passes(keep_float)`` makes the
     expensive check (every validation input, and the answers end to end). If that fails, round 2 ranks the
-    remaining scopes again on top of what is kept, this time by how much they lower the error score, and
-    adds them until it holds. Measured on the default bundle: the margin (the retrieval embedding) passed
-    with 4 blocks in float while the classifier, which reads the region features, still changed 1.6 % of
-    its answers; the block that fixed that (regions cosine 0.9895 -> 0.9923, answers 0.984 -> 0.991)
-    *lowered* the embedding's cosine, so no ranking by the margin would ever have picked it.
+    remaining scopes again on top of what is kept, this time by how much they lower the answer divergence,
+    and adds them until it holds. Measured on the default bundle: the margin (the retrieval embedding)
+    passed with 4 blocks in float while the classifier, which reads the region features, still changed
+    1.6 % of its answers; the block that fixed most of that (answers 0.984 -> 0.991) *lowered* the
+    embedding's cosine, so no ranking by the margin would ever have picked it, and a ranking by the sum of
+    the outputs' log(1 - cosine) missed it too once bias correction had raised every cosine to 0.995.
     Returns None when ``max_float`` scopes do not pass. ``track(items, description)`` wraps each
     ranking pass (a progress bar: one pass is a quantize run per scope, minutes on a large CNN).
     """
 
     def full(keep: tuple[str, ...], fid: Fidelity) -> bool:
-        step: dict = {"keep_float": list(keep), "margin": fid[0], "error": fid[1]}
+        step: dict = {"keep_float": list(keep), "margin": fid[0], "divergence": fid[1]}
         log.steps.append(step)
         if fid[0] < 0:
             return False
@@ -121,13 +122,13 @@ def greedy_keep_float(
         return ok
 
     def rank(keep: tuple[str, ...], base: Fidelity, by: int) -> list[str]:
-        """Remaining scopes with a positive gain on top of ``keep``, best first (by 0: margin, 1: error)."""
+        """Remaining scopes with a positive gain on top of ``keep``, best first (by 0: margin, 1: divergence)."""
         gains = {}
         todo = [s for s in scopes_list if s not in keep]
-        for scope in track(todo, "ranking blocks by " + ("gate margin" if by == 0 else "error score")):
+        for scope in track(todo, "ranking blocks by " + ("gate margin" if by == 0 else "answer divergence")):
             fid = measure((*keep, scope))
             gains[scope] = fid[0] - base[0] if by == 0 else base[1] - fid[1]
-        (log.gains if by == 0 else log.error_gains).update(gains)
+        (log.gains if by == 0 else log.divergence_gains).update(gains)
         return sorted((s for s, g in gains.items() if g > 0), key=lambda s: -gains[s])
 
     scopes_list = list(scopes)
@@ -148,7 +149,7 @@ def greedy_keep_float(
             keep = (*keep, scope)
             fid = measure(keep)
             if fid[0] < 0 and by == 0:
-                log.steps.append({"keep_float": list(keep), "margin": fid[0], "error": fid[1]})
+                log.steps.append({"keep_float": list(keep), "margin": fid[0], "divergence": fid[1]})
                 continue
             if full(keep, fid):
                 log.outcome = f"passes with {len(keep)} scope(s) in float"

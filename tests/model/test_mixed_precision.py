@@ -63,7 +63,7 @@ def test_greedy_adds_the_most_sensitive_scopes_first_and_stops_at_the_gate() -> 
     assert len(calls) == 1 + len(gains) + 3  # base, one run per scope, one per greedy step
 
 
-def test_when_the_full_check_fails_the_rest_is_reranked_by_error_not_margin() -> None:
+def test_when_the_full_check_fails_the_rest_is_reranked_by_answer_divergence_not_margin() -> None:
     """The default bundle's case: the embedding's margin passed, the answers did not, and the block that
     fixed the answers lowered the margin (round 1 would never pick it)."""
     measure, _ = _measure({"a": 0.05, "b": 0.02, "c": -0.001, "d": 0.001}, base=-0.04,
@@ -83,9 +83,9 @@ def test_when_the_full_check_fails_the_rest_is_reranked_by_error_not_margin() ->
     keep, log = greedy_keep_float(["a", "b", "c", "d"], measure, passes=passes, track=track)
     assert keep == ("a", "c")
     assert passes_shown == [(["a", "b", "c", "d"], "ranking blocks by gate margin"),
-                            (["b", "c", "d"], "ranking blocks by error score")]  # one progress bar per pass
+                            (["b", "c", "d"], "ranking blocks by answer divergence")]  # one progress bar per pass
     assert checked == [("a",), ("a", "c")]  # the full check only once the margin passed
-    assert log.error_gains["c"] == pytest.approx(0.5) and "c" not in [s for s, g in log.gains.items() if g > 0]
+    assert log.divergence_gains["c"] == pytest.approx(0.5) and "c" not in [s for s, g in log.gains.items() if g > 0]
     assert log.steps[-1]["check"] == "agreement ok"
 
 
