@@ -64,6 +64,8 @@ class PhaseResult:
     statuses: dict[str, int]
     retry_after_on_503: int
     latency_ok_ms: dict[str, float]
+    retry_after_values: dict[str, int] = field(default_factory=dict)
+    """Retry-After seconds -> how many 503s said it (what clients were told to wait)."""
     errors: int
     duration_s: float
 
@@ -188,6 +190,7 @@ async def _one(client: LoadClient, raw: bytes, out: dict[str, Any]) -> None:
         out["latencies"].append(time.perf_counter() - t)
     elif r.status == 503 and r.headers.get("retry-after", "").isdigit():
         out["retry_after"] += 1
+        out["retry_after_values"][r.headers["retry-after"]] += 1
 
 
 def _classify_requests(client: LoadClient, bodies: list[bytes]) -> list[bytes]:
@@ -195,7 +198,7 @@ def _classify_requests(client: LoadClient, bodies: list[bytes]) -> list[bytes]:
 
 
 async def closed_loop(url: str, bodies: list[bytes], clients: int, seconds: float) -> tuple[float, dict[str, Any]]:
-    out: dict[str, Any] = {"statuses": Counter(), "latencies": [], "retry_after": 0}
+    out: dict[str, Any] = {"statuses": Counter(), "latencies": [], "retry_after": 0, "retry_after_values": Counter()}
     stop = time.perf_counter() + seconds
     async with LoadClient(url, clients, timeout_s=60) as client:
         raws = _classify_requests(client, bodies)
@@ -222,7 +225,7 @@ async def open_loop(name: str, url: str, bodies: list[bytes], rate: float, secon
     the server saw a fraction of the offered rate). A request waits client-side only while all
     ``max_connections`` connections are busy; its latency counts from its scheduled send time.
     """
-    out: dict[str, Any] = {"statuses": Counter(), "latencies": [], "retry_after": 0}
+    out: dict[str, Any] = {"statuses": Counter(), "latencies": [], "retry_after": 0, "retry_after_values": Counter()}
     n = max(1, int(rate * seconds))
     async with LoadClient(url, max_connections, timeout_s=60) as client:
         raws = _classify_requests(client, bodies)
@@ -240,7 +243,8 @@ async def open_loop(name: str, url: str, bodies: list[bytes], rate: float, secon
     errors = sum(v for k, v in statuses.items() if k not in ("200", "503"))
     return PhaseResult(name=name, target_rps=rate, offered_rps=n / max(send_s, 1e-9), sent=n, statuses=statuses,
                        retry_after_on_503=out["retry_after"], latency_ok_ms=percentiles(out["latencies"]),
-                       errors=errors, duration_s=duration)
+                       errors=errors, duration_s=duration,
+                       retry_after_values=dict(sorted(out["retry_after_values"].items(), key=lambda kv: int(kv[0]))))
 
 
 def run(bundle: Path, *, phase_s: float, factor: float, normal_factor: float, queue_size: int, max_batch: int,
@@ -340,7 +344,8 @@ def format_summary(s: Summary) -> str:
         lines.append(f"{p.name:>8}: target {p.target_rps:.0f} req/s, offered {p.offered_rps:.0f} req/s "
                      f"({p.offered_rps / max(s.capacity_rps, 1e-9):.1f}x capacity), {p.sent} sent in "
                      f"{p.duration_s:.1f} s; statuses {dict(sorted(p.statuses.items()))}; 503 with Retry-After "
-                     f"{p.retry_after_on_503}; admitted latency ms p50 {lat['p50']:.1f} p95 {lat['p95']:.1f} "
+                     f"{p.retry_after_on_503} (seconds told: {p.retry_after_values or '-'}); "
+                     f"admitted latency ms p50 {lat['p50']:.1f} p95 {lat['p95']:.1f} "
                      f"p99 {lat['p99']:.1f} max {lat['max']:.1f}")
     lines.append(f"server-side p95 of /v1/classify during overload (histogram bucket bound): "
                  f"{s.server_p95_overload_ms:.0f} ms (client-side times above include the load generator's queueing); "

@@ -116,8 +116,7 @@ class GraphBatcher(Generic[P, R]):
         self._queue: deque[_Entry[P, R]] = deque()
         self._cond = threading.Condition()
         self._closing = False
-        self._busy_s = 0.0  # exponential average of one batch's run time, for Retry-After
-        self._row_s = 0.0  # exponential average of run time per row, for the queue's time bound
+        self._row_s = 0.0  # exponential average of run time per row: the queue's time bound and Retry-After
         self._running_rows = 0  # rows of the batches being run now (all instances)
         # Rows queued, kept as a count (under _cond) so that refuse_if_full, called from the event loop
         # without the lock, never iterates a deque an inference thread is popping from.
@@ -142,10 +141,12 @@ class GraphBatcher(Generic[P, R]):
         """Requests queued and not yet taken into a batch."""
         return len(self._queue)
 
-    def retry_after_s(self) -> int:
-        """Seconds until a full queue has probably drained (at least 1): what a 503 tells clients."""
-        batches = self.depth / self.config.max_batch_size + 1
-        return max(1, math.ceil(batches * self._busy_s / len(self._threads)))
+    def retry_after_s(self, extra_rows: int = 0) -> int:
+        """Seconds until the work queued now has probably drained (at least 1): what a 503 tells clients.
+        The same estimate as admission's (:meth:`expected_wait_s`), so a client that waits as told comes
+        back once the work ahead of it has drained; it replaced a second estimate (queued requests / batch
+        size x batch time) that could disagree with the one that refused."""
+        return max(1, math.ceil(self.expected_wait_s(extra_rows)))
 
     def expected_wait_s(self, extra_rows: int = 0) -> float:
         """How long a request queued now would wait: the rows queued ahead of it (plus ``extra_rows``
@@ -164,7 +165,7 @@ class GraphBatcher(Generic[P, R]):
             metrics.REJECTED.labels(self.name, "queue_full").inc()
             raise OverloadedError(
                 f"the {self.name} queue is full ({cfg.max_queue_size} requests waiting); retry shortly",
-                retry_after_s=self.retry_after_s(),
+                retry_after_s=self.retry_after_s(extra_rows),
             )
         # Only with something queued ahead: a request may always wait behind the batches running,
         # or a batch slower than the bound would refuse every request of an idle queue.
@@ -174,7 +175,7 @@ class GraphBatcher(Generic[P, R]):
             raise OverloadedError(
                 f"the {self.name} queue holds ~{wait * 1000:.0f} ms of work, more than MMFUSION_MAX_QUEUE_WAIT_MS "
                 f"({cfg.max_queue_wait_s * 1000:.0f} ms); retry shortly",
-                retry_after_s=self.retry_after_s(),
+                retry_after_s=self.retry_after_s(extra_rows),
             )
 
     async def submit(self, payload: P, rows: int = 1) -> R:
@@ -292,7 +293,6 @@ class GraphBatcher(Generic[P, R]):
             rows = sum(e.rows for e in batch)
             with self._cond:
                 self._running_rows -= rows
-            self._busy_s = elapsed if self._busy_s <= 0 else 0.8 * self._busy_s + 0.2 * elapsed
             per_row = elapsed / rows
             self._row_s = per_row if self._row_s <= 0 else 0.8 * self._row_s + 0.2 * per_row
             for i, entry in enumerate(batch):
