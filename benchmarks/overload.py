@@ -64,10 +64,10 @@ class PhaseResult:
     statuses: dict[str, int]
     retry_after_on_503: int
     latency_ok_ms: dict[str, float]
-    retry_after_values: dict[str, int] = field(default_factory=dict)
-    """Retry-After seconds -> how many 503s said it (what clients were told to wait)."""
     errors: int
     duration_s: float
+    retry_after_values: dict[str, int] = field(default_factory=dict)
+    """Retry-After seconds -> how many 503s said it (what clients were told to wait)."""
 
 
 @dataclass
