@@ -193,12 +193,17 @@ async def _one(client: LoadClient, raw: bytes, out: dict[str, Any]) -> None:
         out["retry_after_values"][r.headers["retry-after"]] += 1
 
 
+def _tally() -> dict[str, Any]:
+    """What ``_one`` counts: statuses, admitted latencies, 503s with Retry-After and the values they said."""
+    return {"statuses": Counter(), "latencies": [], "retry_after": 0, "retry_after_values": Counter()}
+
+
 def _classify_requests(client: LoadClient, bodies: list[bytes]) -> list[bytes]:
     return [client.prepare("POST", "/v1/classify", body, {"content-type": "application/json"}) for body in bodies]
 
 
 async def closed_loop(url: str, bodies: list[bytes], clients: int, seconds: float) -> tuple[float, dict[str, Any]]:
-    out: dict[str, Any] = {"statuses": Counter(), "latencies": [], "retry_after": 0, "retry_after_values": Counter()}
+    out = _tally()
     stop = time.perf_counter() + seconds
     async with LoadClient(url, clients, timeout_s=60) as client:
         raws = _classify_requests(client, bodies)
@@ -225,7 +230,7 @@ async def open_loop(name: str, url: str, bodies: list[bytes], rate: float, secon
     the server saw a fraction of the offered rate). A request waits client-side only while all
     ``max_connections`` connections are busy; its latency counts from its scheduled send time.
     """
-    out: dict[str, Any] = {"statuses": Counter(), "latencies": [], "retry_after": 0, "retry_after_values": Counter()}
+    out = _tally()
     n = max(1, int(rate * seconds))
     async with LoadClient(url, max_connections, timeout_s=60) as client:
         raws = _classify_requests(client, bodies)

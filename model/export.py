@@ -37,7 +37,7 @@ from app.bundle.manifest import (
     VariantQuality,
 )
 from app.bundle.verify import load_bundle_manifest, sha256_file
-from app.inference.runtime import MIN_TOP1_AGREEMENT
+from app.inference.runtime import MIN_TOP1_AGREEMENT, auto_serves
 from app.preprocessing.image import preprocess_pil
 from app.preprocessing.text import TextTokenizer
 from model.data.rows import Row
@@ -312,7 +312,7 @@ def auto_precision_note(precision: str, quality: VariantQuality) -> str | None:
     (measured: 0.991 on validation, 0.989 on test). Without this, the bundle ships a variant that is
     silently never used."""
     agreement = quality.top1_agreement
-    if agreement is None or agreement >= MIN_TOP1_AGREEMENT:
+    if agreement is None or auto_serves(quality):
         return None
     return (f"the {precision} variant's recorded top-1 agreement with fp32 is {agreement:.4f} on {quality.samples} "
             f"test samples, under the {MIN_TOP1_AGREEMENT} that MMFUSION_PRECISION=auto requires: the server will "

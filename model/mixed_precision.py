@@ -148,13 +148,10 @@ def greedy_keep_float(
                 return None, log
             keep = (*keep, scope)
             fid = measure(keep)
-            if fid[0] < 0 and by == 0:
-                log.steps.append({"keep_float": list(keep), "margin": fid[0], "divergence": fid[1]})
-                continue
             if full(keep, fid):
                 log.outcome = f"passes with {len(keep)} scope(s) in float"
                 return keep, log
-            if by == 0:
+            if by == 0 and fid[0] >= 0:
                 break  # the margin passed but the full check did not: re-rank on top of this (round 2)
     log.outcome = f"no pass with up to {max_float} scope(s) in float" if len(keep) >= max_float else \
         "no scope left in float improves it further"

@@ -549,7 +549,8 @@ def quantize_candidate(pre: Path, out: Path, cand: Candidate, calib: list[dict[s
         quantize_dynamic(str(pre), str(out), per_channel=True, reduce_range=cand.reduce_range,
                          weight_type=QuantType.QInt8)
         return out
-    graph = onnx.load(str(pre), load_external_data=False).graph
+    fp32 = onnx.load(str(pre))
+    graph = fp32.graph
     names = [i.name for i in graph.input]
     outputs = {o.name for o in graph.output}
     float_outputs = [n for n in graph.node if n.op_type in _FLOAT_OUTPUT_OPS and outputs & set(n.output)]
@@ -575,7 +576,6 @@ def quantize_candidate(pre: Path, out: Path, cand: Candidate, calib: list[dict[s
 
     static(pre)
     if cand.bias_correction:  # same integer weights, biases corrected for their rounding (model.bias_correction)
-        fp32 = onnx.load(str(pre))
         means_file = work / f"{pre.stem}.conv_input_means.npz"
         if means_file.exists():
             means = dict(np.load(means_file))
@@ -596,6 +596,15 @@ def served_speedup(fp32_ms1: float, ms1: float, fp32_ms8: float, ms8: float, bat
     return float(np.sqrt((fp32_ms1 / ms1) * (fp32_ms8 / served8)))
 
 
+def judged_outputs(means: Mapping[str, float], consumed: set[str], options: Int8Options
+                   ) -> list[tuple[str, float, float]]:
+    """(output, mean cosine, its gate) for the outputs that are judged: user-visible ones against
+    ``min_output_cosine``, those only the fusion head reads against ``min_head_input_cosine``; outputs
+    nothing reads are not judged."""
+    return [(k, v, options.min_output_cosine if k in _USER_VISIBLE else options.min_head_input_cosine)
+            for k, v in means.items() if k in _USER_VISIBLE or k in consumed]
+
+
 def refusal(means: dict[str, float], consumed: set[str], agreement: float | None, speedup: float,
             batch_variant: bool, options: Int8Options, probability_sum_error: float = 0.0) -> str:
     """Why a measured candidate is refused ("" = accepted).
@@ -605,17 +614,16 @@ def refusal(means: dict[str, float], consumed: set[str], agreement: float | None
     agreement (here for the head itself, and for every mix of graphs afterwards) is what decides
     whether their drift matters. Outputs nothing reads are not judged.
     """
-    visible = {k: v for k, v in means.items() if k in _USER_VISIBLE}
-    head_in = {k: v for k, v in means.items() if k in consumed and k not in _USER_VISIBLE}
-    low_visible = [f"{k} {v:.4f}" for k, v in visible.items() if v < options.min_output_cosine]
-    low_head = [f"{k} {v:.4f}" for k, v in head_in.items() if v < options.min_head_input_cosine]
+    judged = judged_outputs(means, consumed, options)
+    low_visible = [f"{k} {v:.4f}" for k, v, gate in judged if k in _USER_VISIBLE and v < gate]
+    low_head = [f"{k} {v:.4f}" for k, v, gate in judged if k not in _USER_VISIBLE and v < gate]
     if probability_sum_error > PROBABILITY_SUM_TOLERANCE:
         return f"probabilities do not sum to 1: off by up to {probability_sum_error:.2g} > {PROBABILITY_SUM_TOLERANCE}"
     if low_visible:
         return "output cosine " + ", ".join(low_visible) + f" < {options.min_output_cosine}"
     if low_head:
         return "fusion-head input cosine " + ", ".join(low_head) + f" < {options.min_head_input_cosine}"
-    if not (visible or head_in):
+    if not judged:
         return "no consumed output"
     if agreement is not None and agreement < options.min_agreement:
         return f"top-1 agreement {agreement:.4f} < {options.min_agreement}"
@@ -671,12 +679,9 @@ def _first_images(samples: Samples, n: int) -> Samples:
 
 
 def gate_margin(means: Mapping[str, float], consumed: set[str], options: Int8Options) -> float:
-    """How far the worst judged output's mean cosine is above its gate (>= 0: passes the cosine gates).
-    User-visible outputs answer to ``min_output_cosine``, outputs only the fusion head reads to
-    ``min_head_input_cosine`` (as in ``refusal``)."""
-    gaps = [v - (options.min_output_cosine if k in _USER_VISIBLE else options.min_head_input_cosine)
-            for k, v in means.items() if k in _USER_VISIBLE or k in consumed]
-    return min(gaps, default=float("-inf"))
+    """How far the worst judged output's mean cosine is above its gate (>= 0: passes the cosine gates
+    ``refusal`` applies)."""
+    return min((v - gate for _, v, gate in judged_outputs(means, consumed, options)), default=float("-inf"))
 
 
 class _GraphSearch:
@@ -685,7 +690,7 @@ class _GraphSearch:
     def __init__(self, role: str, fp32_path: Path, ops: dict[str, int], tokenizer: TextTokenizer,
                  fp32_runner: GraphRunner, calib: Samples, select: Samples, consumed: set[str],
                  options: Int8Options, work: Path, say: Callable[..., None], progress: bool = False):
-        self.role, self.ops, self.consumed, self.options, self.work, self.say = role, ops, consumed, options, work, say
+        self.role, self.consumed, self.options, self.work, self.say = role, consumed, options, work, say
         self.tokenizer, self.fp32_runner, self.select = tokenizer, fp32_runner, select
         self.progress = progress
         self._built: tuple[str, tuple[str, ...], ort.InferenceSession] | None = None
@@ -695,6 +700,8 @@ class _GraphSearch:
         self.b1, self.b8 = _bench_feeds(self.sel_feeds)
         self.pre = preprocess(fp32_path, work / f"{role}.pre.onnx")
         self.cal_feeds = graph_feeds(role, calib, tokenizer, fp32_runner)
+        # What this graph is measured with: the plan in ``Int8Options.candidates``, else ``candidates_for``.
+        self.candidates = list(options.candidates.get(role) or candidates_for(role, ops))
 
     def track(self, items: list[str], desc: str) -> Iterable[str]:
         """A progress bar over one ranking pass when progress is shown (a pass takes minutes on a CNN)."""
@@ -781,7 +788,7 @@ class _GraphSearch:
         """When static candidates were refused for fidelity alone, the one closest to its gates is rerun
         with the module scopes chosen by ``greedy_keep_float`` left in float, then timed and judged in
         full like every candidate (so it still has to be faster)."""
-        by_name = {c.name: c for c in (self.options.candidates.get(self.role) or candidates_for(self.role, self.ops))}
+        by_name = {c.name: c for c in self.candidates}
         near = [(gate_margin(r.output_cosine_mean, self.consumed, self.options), by_name[r.candidate]) for r in tried
                 if r.candidate in by_name and by_name[r.candidate].method == "static_qdq"
                 and r.reason.startswith(_FIDELITY_REFUSALS)]
@@ -849,7 +856,7 @@ def quantize_graphs(
                                   options, work, say, progress)
             rep = GraphReport(role, ops)
             best: tuple[CandidateResult, Path] | None = None
-            for cand in options.candidates.get(role) or candidates_for(role, ops):
+            for cand in search.candidates:
                 res, out = search.measure(cand)
                 rep.candidates.append(res)
                 better = best is None or _better(res, best[0], options.require_speedup)

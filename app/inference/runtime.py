@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from app.bundle.manifest import BundleManifest, GraphSpec
+from app.bundle.manifest import BundleManifest, GraphSpec, VariantQuality
 from app.core import metrics
 from app.core.errors import BundleError
 from app.inference.tensorrt import PROVIDER as TENSORRT
@@ -98,6 +98,12 @@ def resolve_providers(requested: str) -> list[str]:
     return chosen if "CPUExecutionProvider" in chosen else [*chosen, "CPUExecutionProvider"]
 
 
+def auto_serves(quality: VariantQuality | None) -> bool:
+    """Whether ``auto`` may serve a non-fp32 variant with this recorded quality: top-1 agreement with fp32
+    >= :data:`MIN_TOP1_AGREEMENT` (export warns with the same rule, ``model.export.auto_precision_note``)."""
+    return quality is not None and (quality.top1_agreement or 0.0) >= MIN_TOP1_AGREEMENT
+
+
 def choose_precision(manifest: BundleManifest, requested: str, providers: list[str]) -> str:
     """``auto``: the fastest variant whose recorded top-1 agreement with fp32 is >= 0.99."""
     available = manifest.precisions()
@@ -112,8 +118,7 @@ def choose_precision(manifest: BundleManifest, requested: str, providers: list[s
             continue
         if precision == "fp32":
             return "fp32"
-        quality = manifest.quality.get(precision)  # type: ignore[call-overload]
-        if quality is not None and (quality.top1_agreement or 0.0) >= MIN_TOP1_AGREEMENT:
+        if auto_serves(manifest.quality.get(precision)):  # type: ignore[call-overload]
             return precision
     return "fp32"
 

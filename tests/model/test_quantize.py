@@ -87,27 +87,30 @@ def test_server_loads_the_int8_variant_and_reports_it(int8_bundle: Path, tmp_pat
         assert r.status_code == 200, r.text
 
 
-def test_graph_that_int8_does_not_speed_up_reuses_its_fp32_file(tiny_bundle: Path, tiny_run: Path,
-                                                                  tmp_path: Path) -> None:
-    """A speed bar no INT8 graph can clear: every graph's int8 variant must point at its fp32 file."""
-    from app.bundle.manifest import GraphSpec
+def _add_int8_to_a_copy(tiny_bundle: Path, tiny_run: Path, bundle: Path, options: Int8Options):
+    """``add_int8_variants`` on a copy of the tiny bundle, with the run's own splits: (graphs, quality, report)."""
     from app.preprocessing.text import TextTokenizer
     from model.data.prepared import prepare_data
     from model.export import add_int8_variants, quant_data
     from model.train import load_run
 
-    bundle = tmp_path / "b"
     shutil.copytree(tiny_bundle, bundle)
     manifest = load_bundle_manifest(bundle)
     _, cfg, _ = load_run(tiny_run)
-    options = Int8Options(calibration_samples=32, selection_samples=32, evaluation_samples=64, min_speedup=1e9,
-                          bench_seconds=0.01)
     data = prepare_data(cfg, progress=False)
     qdata = quant_data({s: data.split(s) for s in ("train", "val", "test")}, manifest.image, list(manifest.labels),
                        options)
     tok = TextTokenizer(bundle / "tokenizer.json", manifest.text.max_length)
-    graphs: dict[str, GraphSpec] = dict(manifest.graphs)
-    updated, quality, report = add_int8_variants(bundle, graphs, tok, qdata, options)
+    return add_int8_variants(bundle, dict(manifest.graphs), tok, qdata, options)
+
+
+def test_graph_that_int8_does_not_speed_up_reuses_its_fp32_file(tiny_bundle: Path, tiny_run: Path,
+                                                                  tmp_path: Path) -> None:
+    """A speed bar no INT8 graph can clear: every graph's int8 variant must point at its fp32 file."""
+    bundle = tmp_path / "b"
+    options = Int8Options(calibration_samples=32, selection_samples=32, evaluation_samples=64, min_speedup=1e9,
+                          bench_seconds=0.01)
+    updated, quality, report = _add_int8_to_a_copy(tiny_bundle, tiny_run, bundle, options)
     for role, spec in updated.items():
         assert spec.variants["int8"] == spec.variants["fp32"], role
         assert report.graphs[role].chosen == "fp32"
@@ -306,26 +309,14 @@ def test_the_float_search_runs_and_is_recorded_when_static_candidates_miss_only_
         tiny_bundle: Path, tiny_run: Path, tmp_path: Path) -> None:
     """A fidelity bar no fully quantized CNN meets: the search ranks every module scope of the image encoder
     and its measurements land in the report (and ``quantization.json``)."""
-    from app.bundle.manifest import GraphSpec
-    from app.preprocessing.text import TextTokenizer
-    from model.data.prepared import prepare_data
-    from model.export import add_int8_variants, quant_data
     from model.mixed_precision import module_scopes
     from model.quantize import preprocess
-    from model.train import load_run
 
     bundle = tmp_path / "b"
-    shutil.copytree(tiny_bundle, bundle)
-    manifest = load_bundle_manifest(bundle)
-    _, cfg, _ = load_run(tiny_run)
     options = Int8Options(calibration_samples=32, selection_samples=32, evaluation_samples=64, bench_seconds=0.01,
                           min_output_cosine=0.99999, min_head_input_cosine=0.99999, require_speedup=False,
                           max_float_scopes=2, skip={"text_encoder": "test", "fusion_head": "test"})
-    data = prepare_data(cfg, progress=False)
-    qdata = quant_data({s: data.split(s) for s in ("train", "val", "test")}, manifest.image, list(manifest.labels),
-                       options)
-    tok = TextTokenizer(bundle / "tokenizer.json", manifest.text.max_length)
-    _, _, report = add_int8_variants(bundle, dict[str, GraphSpec](manifest.graphs), tok, qdata, options)
+    _, _, report = _add_int8_to_a_copy(tiny_bundle, tiny_run, bundle, options)
     image = report.graphs["image_encoder"]
     assert all(c.reason.startswith("output cosine") for c in image.candidates if not c.keep_float)
     search = image.float_search
