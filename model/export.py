@@ -303,6 +303,7 @@ def variant_quality(report: Int8Report) -> VariantQuality:
         accuracy_drop=report.accuracy_drop,
         min_embedding_cosine=report.min_embedding_cosine,
         samples=report.samples,
+        cpu_features=report.cpu_features,
     )
 
 

@@ -51,6 +51,7 @@ from tqdm.auto import tqdm
 
 from app.bundle.manifest import ImagePreprocessing
 from app.core.config import container_cpus
+from app.inference.cpu_features import EXACT_INT8_DOT, has_exact_int8_dot
 from app.inference.runtime import intra_op_split
 from app.preprocessing.image import preprocess_pil
 from app.preprocessing.text import TextTokenizer
@@ -215,6 +216,9 @@ class CandidateResult:
     """Rows depend on their batch-mates (dynamic quantization): the server runs it one row per call."""
     keep_float: list[str] = field(default_factory=list)
     """Module scopes this candidate leaves in float."""
+    full_range_weights: bool = False
+    """8-bit weights over their full range (not ``reduce_range``): computed exactly only by CPUs whose
+    8-bit products do not saturate (``app.inference.cpu_features``)."""
 
     @property
     def served_ms_batch8(self) -> float:
@@ -253,6 +257,8 @@ class Int8Report:
     mix_agreements: dict[str, float] = field(default_factory=dict)
     """Validation top-1 agreement of every mix of accepted INT8 graphs ("+"-joined roles; "" = all fp32)."""
     cpu: str = ""
+    cpu_features: list[str] = field(default_factory=list)
+    """CPU features the figures depend on (:func:`cpu_features_needed`), recorded in the manifest's quality."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -730,7 +736,8 @@ class _GraphSearch:
         f8, ms8 = paired_ms(self.fp32, sess, self.b8, options.bench_seconds)
         means, mins, agree, sum_error = evaluate_graph(self.role, self.fp32, sess, self.sel_feeds)
         res = CandidateResult(cand.name, ms1, ms8, f1, f8, served_speedup(f1, ms1, f8, ms8, cand.batch_variant),
-                              means, mins, agree, batch_variant=cand.batch_variant, keep_float=list(cand.keep_float))
+                              means, mins, agree, batch_variant=cand.batch_variant, keep_float=list(cand.keep_float),
+                              full_range_weights=not cand.reduce_range)
         res.reason = refusal(means, self.consumed, agree, res.speedup, cand.batch_variant, options, sum_error)
         if not res.reason:
             res.accepted, res.reason = True, "faithful" + (" and faster" if res.speedup >= options.min_speedup else "")
@@ -922,7 +929,24 @@ def quantize_graphs(
                              options.threads)
     report.graphs, report.selection_agreement, report.reverted = reports, sel_agree, reverted
     report.mix_agreements = {"+".join(sorted(m)): a for m, a in sorted(agreements.items(), key=lambda kv: len(kv[0]))}
+    report.cpu_features = cpu_features_needed([chosen_results[r] for r in sorted(active)])
     return files, report
+
+
+def cpu_features_needed(served: Iterable[CandidateResult], exact_int8_dot: bool | None = None) -> list[str]:
+    """What a CPU must have for the recorded figures of these INT8 graphs to hold on it.
+
+    Full-range 8-bit weights measured on a CPU whose 8-bit products do not saturate (VNNI, AMX,
+    non-x86) would compute something else on an x86 CPU without VNNI (README "INT8": feature cosine
+    0.84 instead of 0.98 for the same graph), so the variant records that it needs
+    :data:`EXACT_INT8_DOT`. Measured on a saturating CPU, the figures already include the saturation and
+    hold wherever the products are at least as exact: nothing is required. An unknown CPU counts as
+    exact (the requirement is recorded; a serving CPU that lacks it falls back to fp32).
+    ``exact_int8_dot`` overrides the detection (tests)."""
+    exact = has_exact_int8_dot() if exact_int8_dot is None else exact_int8_dot
+    if exact is not False and any(r.full_range_weights for r in served):
+        return [EXACT_INT8_DOT]
+    return []
 
 
 def mix_agreements(samples: Samples, tokenizer: TextTokenizer, fp32: dict[str, ort.InferenceSession],

@@ -54,6 +54,11 @@ class VariantQuality(_Strict):
     accuracy_drop: float | None = None
     min_embedding_cosine: float | None = Field(default=None, ge=-1, le=1)
     samples: int = Field(default=0, ge=0)
+    cpu_features: list[str] = Field(
+        default_factory=list,
+        description="CPU features the figures above depend on (app.inference.cpu_features): a CPU without "
+                    "them may compute the variant differently, so `MMFUSION_PRECISION=auto` does not serve it there.",
+    )
 
 
 class GraphSpec(_Strict):

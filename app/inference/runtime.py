@@ -35,6 +35,7 @@ import onnxruntime as ort
 from app.bundle.manifest import BundleManifest, GraphSpec, VariantQuality
 from app.core import metrics
 from app.core.errors import BundleError
+from app.inference.cpu_features import missing_features
 from app.inference.tensorrt import PROVIDER as TENSORRT
 from app.inference.tensorrt import TensorRTConfig, prepare_cache_dir, tensorrt_options
 
@@ -105,11 +106,18 @@ def auto_serves(quality: VariantQuality | None) -> bool:
 
 
 def choose_precision(manifest: BundleManifest, requested: str, providers: list[str]) -> str:
-    """``auto``: the fastest variant whose recorded top-1 agreement with fp32 is >= 0.99."""
+    """``auto``: the fastest variant whose recorded top-1 agreement with fp32 is >= 0.99 and whose
+    recorded figures hold on this CPU (``VariantQuality.cpu_features``). An explicit precision is served
+    as asked, with a warning when this CPU lacks what its figures were measured with."""
     available = manifest.precisions()
     if requested != "auto":
         if requested not in available:
             raise BundleError(f"MMFUSION_PRECISION={requested} but the bundle only has {available}")
+        quality = manifest.quality.get(requested)  # type: ignore[call-overload]
+        missing = missing_features(quality.cpu_features) if quality else []
+        if missing:
+            log.warning("MMFUSION_PRECISION=%s: this CPU lacks %s, which the variant's recorded agreement was "
+                        "measured with; its answers may differ from fp32 more than recorded", requested, missing)
         return requested
     on_gpu = "CUDAExecutionProvider" in providers or TENSORRT in providers
     preference = ["fp16", "fp32"] if on_gpu else ["int8", "fp32"]
@@ -118,8 +126,16 @@ def choose_precision(manifest: BundleManifest, requested: str, providers: list[s
             continue
         if precision == "fp32":
             return "fp32"
-        if auto_serves(manifest.quality.get(precision)):  # type: ignore[call-overload]
-            return precision
+        quality: VariantQuality | None = manifest.quality.get(precision)  # type: ignore[call-overload]
+        if not auto_serves(quality):
+            continue
+        missing = missing_features(quality.cpu_features)  # type: ignore[union-attr]
+        if missing:
+            log.warning("MMFUSION_PRECISION=auto: not serving %s, whose recorded agreement was measured on a CPU "
+                        "with %s, which this one lacks (x86 without VNNI saturates 8-bit products); set "
+                        "MMFUSION_PRECISION=%s to serve it anyway", precision, missing, precision)
+            continue
+        return precision
     return "fp32"
 
 

@@ -755,6 +755,29 @@ def test_auto_precision_is_the_fastest_variant_with_recorded_top1_agreement_of_a
     assert choose_precision(manifest_with(tiny_bundle, variants, quality), "auto", providers) == expected
 
 
+@pytest.mark.parametrize(("exact_int8_dot", "expected"), [(True, "int8"), (False, "fp32"), (None, "fp32")])
+def test_auto_does_not_serve_int8_measured_with_exact_int8_products_on_a_cpu_that_may_saturate_them(
+    tiny_bundle, exact_int8_dot, expected, caplog, monkeypatch
+) -> None:
+    import app.inference.cpu_features as cpu_features
+    from app.bundle.manifest import VariantQuality
+    from app.inference.runtime import choose_precision
+
+    manifest = manifest_with(tiny_bundle, ("int8",), {})
+    manifest = manifest.model_copy(update={"quality": {
+        "int8": VariantQuality(top1_agreement=0.999, cpu_features=["exact_int8_dot"])}})
+    monkeypatch.setattr(cpu_features, "has_exact_int8_dot", lambda: exact_int8_dot)
+    with caplog.at_level("WARNING", logger="mmfusion.runtime"):
+        chosen = choose_precision(manifest, "auto", ["CPUExecutionProvider"])
+    assert chosen == expected
+    assert ("not serving int8" in caplog.text) == (expected == "fp32")
+    # asked for explicitly, it is served, with the same warning
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mmfusion.runtime"):
+        assert choose_precision(manifest, "int8", ["CPUExecutionProvider"]) == "int8"
+    assert ("lacks ['exact_int8_dot']" in caplog.text) == (expected == "fp32")
+
+
 def test_an_explicit_precision_the_bundle_lacks_is_refused(tiny_bundle) -> None:
     from app.core.errors import BundleError
     from app.inference.runtime import choose_precision

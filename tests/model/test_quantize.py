@@ -51,6 +51,35 @@ def test_int8_variant_is_listed_hashed_and_its_quality_recorded(int8_bundle: Pat
         assert variant.sha256 == sha256_file(int8_bundle / variant.file)
 
 
+def test_int8_quality_records_the_cpu_feature_its_full_range_weights_were_measured_with(int8_bundle: Path) -> None:
+    from app.inference.cpu_features import EXACT_INT8_DOT, has_exact_int8_dot
+
+    report = json.loads((int8_bundle / "quantization.json").read_text())
+    served = [g["chosen"] for g in report["graphs"].values() if g["chosen"] != "fp32"]
+    assert served  # the tiny int8 bundle keeps every faithful graph
+    full_range = any("reduce_range" not in name for name in served)
+    expected = [EXACT_INT8_DOT] if full_range and has_exact_int8_dot() is not False else []
+    assert load_bundle_manifest(int8_bundle).quality["int8"].cpu_features == expected
+
+
+@pytest.mark.parametrize(("full_range", "exact", "expected"), [
+    ((True, False), True, ["exact_int8_dot"]),  # measured without saturation: a VNNI-less x86 would differ
+    ((True,), None, ["exact_int8_dot"]),  # unknown CPU: recorded, so a serving CPU is checked
+    ((True, False), False, []),  # measured on a saturating CPU: the figures already include it
+    ((False, False), True, []),  # 7-bit weights cannot saturate anywhere
+    ((), True, []),  # nothing in INT8
+])
+def test_only_full_range_int8_weights_measured_without_saturation_need_exact_int8_products(
+    full_range: tuple[bool, ...], exact: bool | None, expected: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import model.quantize as quantize
+    from model.quantize import CandidateResult, cpu_features_needed
+
+    monkeypatch.setattr(quantize, "has_exact_int8_dot", lambda: exact)
+    served = [CandidateResult("c", 1, 1, 1, 1, 1.0, {}, {}, full_range_weights=f) for f in full_range]
+    assert cpu_features_needed(served) == expected
+
+
 def test_int8_graphs_are_really_quantized_the_way_their_kind_needs(int8_bundle: Path) -> None:
     manifest = load_bundle_manifest(int8_bundle)
     image = manifest.graphs["image_encoder"].variants["int8"].file
