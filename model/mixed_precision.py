@@ -140,6 +140,8 @@ def greedy_keep_float(
         return start, log
     keep, fid = start, base
     for by in (0, 1):
+        if by == 0 and fid[0] >= 0:
+            continue  # the start already passes the gates and fails only the full check: straight to round 2
         if by == 1 and fid[0] < 0:
             break  # round 1 ran out of scopes that raise the margin
         for scope in rank(keep, fid, by):

@@ -369,3 +369,24 @@ def test_export_warns_when_auto_precision_will_not_serve_the_int8_variant() -> N
     assert auto_precision_note("int8", VariantQuality(top1_agreement=None)) is None
     note = auto_precision_note("int8", VariantQuality(top1_agreement=0.9892, samples=1200))
     assert note is not None and "0.9892 on 1200" in note and "MMFUSION_PRECISION=int8" in note
+
+
+def test_an_encoder_whose_cosines_pass_but_whose_answers_move_is_refused_and_goes_to_the_float_search(
+        tiny_bundle: Path, tiny_run: Path, tmp_path: Path) -> None:
+    """Cosines are not answers: an encoder candidate that passes every cosine gate is judged by the pipeline's
+    top-1 agreement with only it in INT8, and a refusal there starts the float search straight at its answer
+    ranking (round 2), since the gates already pass."""
+    options = Int8Options(calibration_samples=32, selection_samples=32, evaluation_samples=64, bench_seconds=0.01,
+                          min_output_cosine=0.0, min_head_input_cosine=0.0, require_speedup=False,
+                          min_agreement=1.0001, float_search_agreement=1.0001, max_float_scopes=1,
+                          skip={"text_encoder": "test", "fusion_head": "test"})
+    _, _, report = _add_int8_to_a_copy(tiny_bundle, tiny_run, tmp_path / "b", options)
+    image = report.graphs["image_encoder"]
+    plain = [c for c in image.candidates if not c.keep_float]
+    assert plain and all(c.reason.startswith("top-1 agreement") for c in plain), [c.reason for c in plain]
+    assert all(c.top1_agreement is not None and 0.0 <= c.top1_agreement <= 1.0 for c in plain)
+    search = image.float_search
+    assert search is not None and search["base_margin"] >= 0
+    assert search["gains"] == {} and search["divergence_gains"]  # no margin ranking: straight to the answers
+    assert search["outcome"].startswith("no ")  # agreement above 1 cannot be reached
+    assert image.chosen == "fp32"
