@@ -315,12 +315,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--if-missing", action="store_true", help="do nothing if OUT/manifest.json exists")
     p.add_argument("--fast", action="store_true", help="tiny from-scratch model (seconds; for tests)")
     p.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True,
-                   help="measure INT8 variants of the text encoder and fusion head and keep the faster faithful ones "
-                   "(as `mmfusion export --int8`; about 100 s on 2 cores; default: on)")
+                   help="measure INT8 variants of each graph and keep the faster faithful ones (as `mmfusion export "
+                   "--int8`, but only the two GPTQ-rounded candidates for the image encoder; about 160 s on 2 cores; "
+                   "default: on)")
     p.add_argument("--int8-image-encoder", action="store_true",
-                   help="also search the image encoder's INT8 variant: static QDQ candidates, then the per-block "
-                   "float search (about 10 more minutes on 2 cores; known to miss the answer-agreement bar for this "
-                   "model, see README 'INT8')")
+                   help="measure every static QDQ candidate of the image encoder, then the per-block float search "
+                   "if none is faithful (about 10 more minutes on 2 cores; see README 'INT8')")
     p.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=True,
                    help="write an fp16 variant per graph for GPUs (float32 inputs/outputs; its top-1 agreement "
                    "with fp32 is measured on the test split and recorded; `MMFUSION_PRECISION=auto` picks it on "

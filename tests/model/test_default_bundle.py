@@ -121,11 +121,11 @@ def test_server_loads_the_pretrained_bundle_and_classifies_over_its_labels(
 
 def test_the_default_bundle_carries_int8_and_fp16_with_their_measured_quality(pretrained_bundle: Path) -> None:
     """What `make serve` builds has the precision variants the server chooses from (int8 on CPU,
-    fp16 on CUDA), each with recorded quality, and says why the image encoder was not searched."""
+    fp16 on CUDA), each with recorded quality; the image encoder measured with its plan only."""
     import json
 
     from app.inference.runtime import choose_precision
-    from model.default_bundle import IMAGE_ENCODER_INT8
+    from model.default_bundle import IMAGE_ENCODER_PLAN
 
     manifest = load_bundle_manifest(pretrained_bundle)
     assert set(manifest.precisions()) == {"fp32", "int8", "fp16"}
@@ -133,10 +133,17 @@ def test_the_default_bundle_carries_int8_and_fp16_with_their_measured_quality(pr
         quality = manifest.quality[precision]  # type: ignore[index]
         assert quality.top1_agreement is not None and 0.0 <= quality.top1_agreement <= 1.0
     image = manifest.graphs["image_encoder"]
-    assert image.variants["int8"].file == image.variants["fp32"].file  # type: ignore[index]
     assert image.variants["fp16"].file != image.variants["fp32"].file  # type: ignore[index]
     report = json.loads((pretrained_bundle / "quantization.json").read_text())
-    assert report["graphs"]["image_encoder"]["reason"] == f"not searched: {IMAGE_ENCODER_INT8}"
+    measured = report["graphs"]["image_encoder"]
+    plan = [c.name for c in IMAGE_ENCODER_PLAN]
+    assert [c["candidate"] for c in measured["candidates"]] == plan  # the plan, not the full search
+    assert measured["float_search"] is None
+    assert measured["chosen"] in {"fp32", *plan} and measured["reason"]
+    if measured["chosen"] == "fp32" or "image_encoder" in report["reverted"]:
+        assert image.variants["int8"].file == image.variants["fp32"].file  # type: ignore[index]
+    else:
+        assert image.variants["int8"].file == "image_encoder.int8.onnx"  # type: ignore[index]
     assert report["graphs"]["text_encoder"]["candidates"], "the text encoder's INT8 candidates were measured"
     expected_gpu = "fp16" if manifest.quality["fp16"].top1_agreement >= 0.99 else "fp32"  # type: ignore[index]
     assert choose_precision(manifest, "auto", ["CUDAExecutionProvider", "CPUExecutionProvider"]) == expected_gpu
