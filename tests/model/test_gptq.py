@@ -125,3 +125,15 @@ def test_a_gptq_candidate_keeps_the_scales_changes_only_integers_and_moves_the_o
         return float(np.mean([((ref.run(None, f)[0] - got.run(None, f)[0]) ** 2).mean() for f in feeds]))
 
     assert error(graphs[gptq.name]) < error(graphs[plain.name])
+
+
+def test_columns_are_rounded_in_order_of_input_energy_whatever_order_they_come_in() -> None:
+    """act-order: the result does not depend on how the input columns happen to be numbered."""
+    rng = np.random.default_rng(2)
+    x = _correlated_inputs(rng, 10, 2000) * np.linspace(0.2, 3.0, 10)[:, None]
+    w = rng.standard_normal((6, 10))
+    scale = np.abs(w).max(1) / 15
+    shuffle = rng.permutation(10)
+    q = gptq_round(w, x @ x.T / 2000, scale, qmax=15)
+    xs = x[shuffle]
+    np.testing.assert_array_equal(gptq_round(w[:, shuffle], xs @ xs.T / 2000, scale, qmax=15), q[:, shuffle])
