@@ -20,31 +20,22 @@ from collections.abc import Iterable
 
 import numpy as np
 import onnx
-import onnxruntime as ort
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
+
+from model.graph_probe import probe_tensors
 
 
 def conv_input_means(model: onnx.ModelProto, feeds: Iterable[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Per-channel mean of every Conv's input over ``feeds`` (fp32 graph): Conv node name -> [C_in]."""
     convs = [n for n in model.graph.node if n.op_type == "Conv" and n.name]
     wanted = list(dict.fromkeys(n.input[0] for n in convs))
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    present = {o.name for o in probe.graph.output}
-    for name in wanted:
-        if name not in present:
-            probe.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor
-    sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    inputs = [i.name for i in sess.get_inputs()]
+    if not wanted:
+        return {}
     sums: dict[str, np.ndarray] = {}
     count = 0
-    for feed in feeds:
-        values = sess.run(wanted, {k: feed[k] for k in inputs})
-        rows = len(values[0])
-        for name, v in zip(wanted, values, strict=True):
+    for values in probe_tensors(model, wanted, feeds):
+        rows = len(values[wanted[0]])
+        for name, v in values.items():
             mean = v.astype(np.float64).mean(axis=(0, *range(2, v.ndim))) * rows
             sums[name] = sums[name] + mean if name in sums else mean
         count += rows

@@ -15,6 +15,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from app.inference.cpu_features import has_exact_int8_dot
 from model.config import TrainConfig
 from model.quantize import Candidate
 
@@ -24,17 +25,19 @@ nearly free with frozen, cached encoders (about 30 distinct question texts in al
 extra image costs an encoder pass, so more questions per image is the cheap way to more training
 rows; measured: 700 train images x 8 questions reach ~0.96 test accuracy, x 4 questions ~0.89."""
 
-IMAGE_ENCODER_PLAN = (
-    Candidate("static_qdq", "percentile", "uint8", gptq=True, bias_correction=True),
-    Candidate("static_qdq", "percentile", "uint8", reduce_range=True, gptq=True, bias_correction=True),
-)
-"""The image encoder's INT8 candidates ``build-default`` measures (the full search, with the per-block float
-search, runs with ``--int8-image-encoder``, about 10 more minutes). Static QDQ with GPTQ-rounded, bias-corrected
-weights is the only kind that has kept this model's answers (README "INT8"; 2026-11-29, 128 calibration images,
-1,000 validation and 1,200 test questions): on an AVX-512 VNNI EPYC, 8-bit weights alone in INT8 agree with fp32
-on 0.990 of validation answers at 2.25x fp32 speed at batch 1 (every other candidate 0.985 or less, the float
-search up to 0.989); the 7-bit one (exact on x86 CPUs without VNNI too) on 0.989. Each is measured again on the
-machine that builds, and the usual gates decide."""
+def image_encoder_plan(exact_int8_dot: bool | None = None) -> tuple[Candidate, ...]:
+    """The image encoder's INT8 candidate ``build-default`` measures (the full search, with the per-block float
+    search, runs with ``--int8-image-encoder``, about 10 more minutes): static QDQ with GPTQ-rounded,
+    bias-corrected weights, the only kind that has kept this model's answers (README "INT8"; 2026-11-29, 128
+    calibration images, 1,000 validation and 1,200 test questions). With 8-bit weights where this CPU's 8-bit
+    products are exact (AVX-512 VNNI EPYC: 0.990-0.992 of validation answers alone, every other candidate 0.985
+    or less, the float search up to 0.989), else 7-bit ones, which cannot saturate (0.989-0.990). It is
+    measured again on the machine that builds, and the usual gates decide; there, 0.992 is still short of the
+    agreement floor (0.9931 on 1,000 questions, ``model.quantize.agreement_floor``), so the image encoder stays
+    fp32 in the int8 variant."""
+    exact = has_exact_int8_dot() if exact_int8_dot is None else exact_int8_dot
+    return (Candidate("static_qdq", "percentile", "uint8", reduce_range=exact is not True, gptq=True,
+                      bias_correction=True),)
 
 
 def default_config(out: Path, fast: bool = False) -> TrainConfig:
@@ -128,7 +131,7 @@ def build_default(
     ``overrides`` replaces TrainConfig fields of the default (tests build a reduced pretrained
     bundle with fewer images and one epoch this way). ``int8``: the INT8 search for the text encoder and
     the fusion head (dynamic INT8, no calibration; about 100 s) and the image encoder's
-    :data:`IMAGE_ENCODER_PLAN` (about 60 s more); all its static candidates and the per-block float search
+    :func:`image_encoder_plan` (about 70 s more); all its static candidates and the per-block float search
     run only with ``int8_image_encoder`` (about 10 more minutes, which would push the first ``make serve``
     past its 10-minute budget). ``fp16`` adds the GPU variant (see ``model/fp16.py``; about 16 s).
     """
@@ -144,7 +147,7 @@ def build_default(
         generate_default_demo(cfg, questions_per_image, progress=progress)
     run_dir = train(cfg, progress=progress)
     test_metrics = evaluate_run(run_dir, "test")
-    plan = {} if int8_image_encoder else {"image_encoder": IMAGE_ENCODER_PLAN}
+    plan = {} if int8_image_encoder else {"image_encoder": image_encoder_plan()}
     # The image encoder's full search and the per-block float search (minutes) only when asked: a bounded
     # first `make serve` measures the text encoder's and fusion head's candidates and the image encoder's plan.
     variants = not fast  # the fast from-scratch model is for wiring tests: fp32 only

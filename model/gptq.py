@@ -25,8 +25,9 @@ from collections.abc import Iterable
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import helper, numpy_helper
+
+from model.graph_probe import probe_tensors
 
 GPTQ_IMAGES = 64
 """Calibration images that measure ``H`` (measured: 64 images took 22 s on 2 cores for the 49
@@ -72,20 +73,9 @@ def conv_input_hessians(model: onnx.ModelProto, feeds: Iterable[dict[str, np.nda
     (each channel has its own input, so its own matrix)."""
     convs = weighted_convs(model)
     wanted = list(dict.fromkeys(n.input[0] for n in convs))
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    present = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
-                              for name in wanted if name not in present)
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor
-    sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    inputs = [i.name for i in sess.get_inputs()]
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
-    for feed in feeds:
-        values = dict(zip(wanted, sess.run(wanted, {k: feed[k] for k in inputs}), strict=True))
+    for values in probe_tensors(model, wanted, feeds):
         for node in convs:
             p = _patches(values[node.input[0]].astype(np.float32), node)  # [B, C, k*k, L]
             group = _attrs(node).get("group", 1)

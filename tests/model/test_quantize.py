@@ -19,7 +19,7 @@ from model.quantize import Int8Options
 # shared int8 bundle keeps every faithful candidate regardless of speed; that exercises real quantized
 # graphs end to end. The fidelity bars are the tiny model's: 16-unit LSTMs quantize worse than real ones.
 TINY_INT8 = Int8Options(calibration_samples=64, selection_samples=128, require_speedup=False,
-                        min_output_cosine=0.95, min_agreement=0.9, bench_seconds=0.02)
+                        min_output_cosine=0.95, min_agreement=0.9, agreement_margin=0.0, bench_seconds=0.02)
 
 
 @pytest.fixture(scope="module")
@@ -232,7 +232,7 @@ def test_head_only_features_need_the_looser_floor_and_the_agreement_decides() ->
     # an output nothing reads is not judged (a concat head never reads token features)
     assert refusal(text, CONSUMED - {"text_tokens"} | {"text_features"}, None, 1.4, True,
                    Int8Options(min_head_input_cosine=0.99)) == ""
-    assert refusal({"probabilities": 0.9999}, CONSUMED, 0.985, 2.0, False, opts) == "top-1 agreement 0.9850 < 0.99"
+    assert refusal({"probabilities": 0.9999}, CONSUMED, 0.985, 2.0, False, opts) == "top-1 agreement 0.9850 < 0.9900"
 
 
 def test_batch_variant_candidates_are_timed_as_served_one_row_per_call() -> None:
@@ -390,3 +390,33 @@ def test_an_encoder_whose_cosines_pass_but_whose_answers_move_is_refused_and_goe
     assert search["gains"] == {} and search["divergence_gains"]  # no margin ranking: straight to the answers
     assert search["outcome"].startswith("no ")  # agreement above 1 cannot be reached
     assert image.chosen == "fp32"
+
+
+@pytest.mark.parametrize("exact_int8_dot", [True, False])
+def test_7_bit_static_candidates_are_measured_only_where_8_bit_products_may_saturate(exact_int8_dot: bool) -> None:
+    """With exact 8-bit products (VNNI) 7-bit weights run the same kernels and only lose precision; without,
+    they are the candidates that cannot saturate."""
+    from model.default_bundle import image_encoder_plan
+    from model.quantize import candidates_for
+
+    conv = candidates_for("image_encoder", {"Conv": 10}, exact_int8_dot=exact_int8_dot)
+    assert any(c.gptq and not c.reduce_range for c in conv)
+    assert any(c.reduce_range for c in conv) is not exact_int8_dot
+    text = candidates_for("text_encoder", {"MatMul": 10}, exact_int8_dot=exact_int8_dot)
+    assert [c.name for c in text] == ["dynamic_per_channel", "dynamic_per_channel_reduce_range"]  # unchanged
+    (plan,) = image_encoder_plan(exact_int8_dot)
+    assert plan.gptq and plan.bias_correction and plan.reduce_range is not exact_int8_dot
+
+
+def test_a_choice_must_clear_the_agreement_bar_by_the_sampling_noise_of_its_validation_rows() -> None:
+    from model.quantize import agreement_floor, refusal
+
+    assert agreement_floor(0.99, 1000, 1.0) == pytest.approx(0.99 + (0.99 * 0.01 / 1000) ** 0.5)  # 0.9931
+    assert agreement_floor(0.99, 1000, 0.0) == 0.99
+    assert agreement_floor(0.99, 10_000, 1.0) < agreement_floor(0.99, 1000, 1.0)  # more rows, less noise
+    assert agreement_floor(0.99, 0, 1.0) == 0.99
+    floor = agreement_floor(0.99, 1000, 1.0)
+    # 0.992 passes the bar itself but not its noise: refused, as the default image encoder was
+    assert refusal({"probabilities": 1.0}, CONSUMED, 0.992, 2.0, False, Int8Options(), 0.0, floor) == \
+        f"top-1 agreement 0.9920 < {floor:.4f}"
+    assert refusal({"probabilities": 1.0}, CONSUMED, 0.994, 2.0, False, Int8Options(), 0.0, floor) == ""
