@@ -663,8 +663,8 @@ def agreement_floor(bar: float, rows: int, standard_errors: float) -> float:
     0.99 on 1,000 questions, i.e. 3 answers. Measured on the default bundle: mixes chosen at 0.990-0.991 on
     validation were recorded at 0.9858, 0.9892 and 0.9908 on the 1,200 test questions, so two of three would
     have shipped an int8 variant that ``precision=auto`` then never serves."""
-    if rows <= 0:
-        return bar
+    if rows <= 0 or bar >= 1.0:
+        return bar  # nothing to estimate (a bar above 1 is unreachable on purpose)
     return min(1.0, bar + standard_errors * (bar * (1.0 - bar) / rows) ** 0.5)
 
 

@@ -415,6 +415,8 @@ def test_a_choice_must_clear_the_agreement_bar_by_the_sampling_noise_of_its_vali
     assert agreement_floor(0.99, 1000, 0.0) == 0.99
     assert agreement_floor(0.99, 10_000, 1.0) < agreement_floor(0.99, 1000, 1.0)  # more rows, less noise
     assert agreement_floor(0.99, 0, 1.0) == 0.99
+    assert agreement_floor(0.99, 10, 1.0) == 1.0  # 10 rows: only perfect agreement is evidence enough
+    assert agreement_floor(1.0001, 32, 1.0) == 1.0001  # an unreachable bar stays unreachable
     floor = agreement_floor(0.99, 1000, 1.0)
     # 0.992 passes the bar itself but not its noise: refused, as the default image encoder was
     assert refusal({"probabilities": 1.0}, CONSUMED, 0.992, 2.0, False, Int8Options(), 0.0, floor) == \
