@@ -43,6 +43,10 @@ def test_export_and_verify_expose_int8_and_run_options() -> None:
     subs = _subparsers(build_parser())
     export = subs["export"].parse_args(["RUN", "--out", "B", "--int8"])
     assert export.int8 is True and export.calibration_samples == 128
+    from model.quantize import Int8Options
+
+    assert export.agreement_margin == Int8Options().agreement_margin  # the CLI default is the library's
+    assert subs["export"].parse_args(["RUN", "--out", "B", "--agreement-margin", "0"]).agreement_margin == 0.0
     verify = subs["verify"].parse_args(["B", "--run", "RUN"])
     assert verify.run == "RUN" and verify.min_int8_agreement == 0.99
 
