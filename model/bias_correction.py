@@ -23,6 +23,7 @@ import onnx
 from onnx import numpy_helper
 
 from model.graph_probe import probe_tensors
+from model.qdq_weights import quantized_weights
 
 
 def conv_input_means(model: onnx.ModelProto, feeds: Iterable[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -52,22 +53,16 @@ def correct_biases(fp32: onnx.ModelProto, quantized: onnx.ModelProto,
     out = onnx.ModelProto()
     out.CopyFrom(fp32)
     inits = {i.name: i for i in out.graph.initializer}
-    q_inits = {i.name: i for i in quantized.graph.initializer}
-    producer = {o: n for n in quantized.graph.node for o in n.output}
-    q_convs = {n.name: n for n in quantized.graph.node if n.op_type == "Conv"}
+    weights = quantized_weights(quantized.graph)
     changed = 0
     for node in out.graph.node:
-        q = q_convs.get(node.name)
+        q = weights.get(node.name)
         if node.op_type != "Conv" or q is None or len(node.input) < 3 or node.name not in means:
-            continue
-        dq = producer.get(q.input[1])
-        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in q_inits:
-            continue  # weights left in float: nothing to correct
+            continue  # not a Conv, weights left in float, no bias, or no measured input: nothing to correct
         w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
-        wq = numpy_helper.to_array(q_inits[dq.input[0]]).astype(np.float64)
-        scale = numpy_helper.to_array(q_inits[dq.input[1]]).astype(np.float64)
-        zero = (numpy_helper.to_array(q_inits[dq.input[2]]).astype(np.float64) if len(dq.input) > 2
-                else np.zeros_like(scale))
+        wq = q.integers.astype(np.float64)
+        scale = q.scale.astype(np.float64)
+        zero = q.zero_point.astype(np.float64)
         shape = (-1,) + (1,) * (w.ndim - 1)
         dw = ((wq - zero.reshape(shape)) * scale.reshape(shape) - w).reshape(w.shape[0], w.shape[1], -1).sum(2)
         groups = next((a.i for a in node.attribute if a.name == "group"), 1)

@@ -11,13 +11,15 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
 from app.inference.cpu_features import has_exact_int8_dot
 from model.config import TrainConfig
-from model.quantize import Candidate
+
+if TYPE_CHECKING:
+    from model.quantize import Candidate
 
 DEMO_QUESTIONS_PER_IMAGE = 8
 """Questions per demo image for the default bundle (the generator's default is 4). Questions are
@@ -35,6 +37,8 @@ def image_encoder_plan(exact_int8_dot: bool | None = None) -> tuple[Candidate, .
     measured again on the machine that builds, and the usual gates decide; there, 0.992 is still short of the
     agreement floor (0.9931 on 1,000 questions, ``model.quantize.agreement_floor``), so the image encoder stays
     fp32 in the int8 variant."""
+    from model.quantize import Candidate  # onnx + ONNX Runtime: loaded when a build needs them, as below
+
     exact = has_exact_int8_dot() if exact_int8_dot is None else exact_int8_dot
     return (Candidate("static_qdq", "percentile", "uint8", reduce_range=exact is not True, gptq=True,
                       bias_correction=True),)

@@ -28,6 +28,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from model.graph_probe import probe_tensors
+from model.qdq_weights import quantized_weights
 
 GPTQ_IMAGES = 64
 """Calibration images that measure ``H`` (measured: 64 images took 22 s on 2 cores for the 49
@@ -128,9 +129,8 @@ def _gptq_in_order(w: np.ndarray, h: np.ndarray, scale: np.ndarray, qmax: int | 
 
     Column j is rounded to nearest, and its error, weighted by the inverse Hessian's Cholesky factor, is
     pushed onto the columns not yet rounded, so they can absorb it. With ``h`` = identity nothing can
-    be absorbed and the result is round-to-nearest."""
-    w = np.array(w, dtype=np.float64)
-    h = np.array(h, dtype=np.float64)
+    be absorbed and the result is round-to-nearest. ``w`` and ``h`` are changed in place: :func:`gptq_round`
+    passes its own reordered copies."""
     rows, d = w.shape
     batched = h.ndim == 3
     diag = np.diagonal(h, axis1=-2, axis2=-1).copy()
@@ -164,24 +164,18 @@ def apply_gptq(quantized: onnx.ModelProto, fp32: onnx.ModelProto, hessians: dict
     inits = {i.name: i for i in out.graph.initializer}
     fp32_weights = {n.name: n.input[1] for n in weighted_convs(fp32)}
     fp32_inits = {i.name: i for i in fp32.graph.initializer}
-    producer = {o: n for n in out.graph.node for o in n.output}
     changed = 0
-    for node in out.graph.node:
-        if node.op_type != "Conv" or node.name not in hessians or node.name not in fp32_weights:
+    for name, q in quantized_weights(out.graph).items():
+        if name not in hessians or name not in fp32_weights:
             continue
-        dq = producer.get(node.input[1])
-        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits:
-            continue  # weights left in float
-        q_old = numpy_helper.to_array(inits[dq.input[0]])
-        scale = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float64)
-        zero = numpy_helper.to_array(inits[dq.input[2]]) if len(dq.input) > 2 else np.zeros(1)
-        if q_old.dtype != np.int8 or np.any(zero) or scale.size != q_old.shape[0]:
+        scale = q.scale.astype(np.float64)
+        if q.integers.dtype != np.int8 or np.any(q.zero_point) or scale.size != q.integers.shape[0]:
             continue  # not symmetric per-channel int8 weights: leave ONNX Runtime's rounding
-        w = numpy_helper.to_array(fp32_inits[fp32_weights[node.name]]).astype(np.float64).reshape(len(q_old), -1)
+        w = numpy_helper.to_array(fp32_inits[fp32_weights[name]]).astype(np.float64).reshape(len(q.integers), -1)
         # The quantizer mapped each channel's largest |w| to its largest integer (127, or 64 with 7-bit
         # reduce_range): read that limit back rather than assume it.
         qmax = np.maximum(np.round(np.abs(w).max(1) / np.where(scale > 0, scale, 1.0)), 1.0)
-        q = gptq_round(w, hessians[node.name], scale, qmax)
-        inits[dq.input[0]].CopyFrom(numpy_helper.from_array(q.reshape(q_old.shape).astype(q_old.dtype), dq.input[0]))
+        ints = gptq_round(w, hessians[name], scale, qmax).reshape(q.integers.shape).astype(np.int8)
+        inits[q.integers_name].CopyFrom(numpy_helper.from_array(ints, q.integers_name))
         changed += 1
     return out, changed

@@ -1001,7 +1001,7 @@ def quantize_graphs(
     return files, report
 
 
-def cpu_features_needed(served: Iterable[CandidateResult], exact_int8_dot: bool | None = None) -> list[str]:
+def cpu_features_needed(served: Iterable[CandidateResult]) -> list[str]:
     """What a CPU must have for the recorded figures of these INT8 graphs to hold on it.
 
     Full-range 8-bit weights measured on a CPU whose 8-bit products do not saturate (VNNI, AMX,
@@ -1009,10 +1009,8 @@ def cpu_features_needed(served: Iterable[CandidateResult], exact_int8_dot: bool 
     0.84 instead of 0.98 for the same graph), so the variant records that it needs
     :data:`EXACT_INT8_DOT`. Measured on a saturating CPU, the figures already include the saturation and
     hold wherever the products are at least as exact: nothing is required. An unknown CPU counts as
-    exact (the requirement is recorded; a serving CPU that lacks it falls back to fp32).
-    ``exact_int8_dot`` overrides the detection (tests)."""
-    exact = has_exact_int8_dot() if exact_int8_dot is None else exact_int8_dot
-    if exact is not False and any(r.full_range_weights for r in served):
+    exact (the requirement is recorded; a serving CPU that lacks it falls back to fp32)."""
+    if has_exact_int8_dot() is not False and any(r.full_range_weights for r in served):
         return [EXACT_INT8_DOT]
     return []
 

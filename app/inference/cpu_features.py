@@ -36,13 +36,13 @@ def cpu_flags() -> frozenset[str] | None:
     return None
 
 
-def has_exact_int8_dot(machine: str | None = None, flags: frozenset[str] | None = None) -> bool | None:
+def has_exact_int8_dot(machine: str | None = None) -> bool | None:
     """True on non-x86 CPUs and x86 with VNNI/AMX; False on x86 without; None when it cannot be told
-    (x86 without /proc/cpuinfo). ``machine``/``flags`` default to this machine's (tests pass others)."""
+    (x86 without /proc/cpuinfo). ``machine`` defaults to this machine's (tests pass others)."""
     machine = (machine or platform.machine()).lower()
     if machine not in _X86:
         return True
-    flags = cpu_flags() if flags is None else flags
+    flags = cpu_flags()
     if flags is None:
         return None
     return bool(flags & _VNNI_FLAGS)
