@@ -135,6 +135,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "`/livez`, `/readyz`, `/metrics` and these docs are open. Missing/invalid key: 401; a read key on an "
         "admin route: 403.",
         lifespan=lifespan,
+        # A trailing slash gets a JSON 404 that names the route, not Starlette's 307 with an empty body
+        # (clients that do not follow redirects saw nothing, and a redirected POST may lose its body).
+        redirect_slashes=False,
     )
     app.state.service = state
     install_error_handlers(app)

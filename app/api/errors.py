@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.api.payload import validation_message
 from app.core import metrics
 from app.core.errors import MMFusionError
 
@@ -72,14 +73,17 @@ def install_error_handlers(app: FastAPI) -> None:
         first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
         field = _field_of(tuple(first.get("loc", ())))
         message = "; ".join(
-            f"{_field_of(tuple(e.get('loc', ()))) or 'body'}: {e.get('msg')}" for e in errors[:5]
+            f"{_field_of(tuple(e.get('loc', ()))) or 'body'}: {validation_message(e)}" for e in errors[:5]
         )
         return error_response(422, "invalid_field", message, field)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         status = exc.status_code
         detail = exc.detail if isinstance(exc.detail, str) and status < 500 else HTTP_CODES.get(status, "error")
+        path = request.url.path
+        if status == 404 and len(path) > 1 and path.endswith("/"):
+            detail = f"no route {path}; routes have no trailing slash (try {path.rstrip('/')})"
         return error_response(status, HTTP_CODES.get(status, "http_error"), detail,
                               headers=getattr(exc, "headers", None))
 

@@ -23,10 +23,14 @@ declared ``Content-Length`` over the limit is refused before a single body byte 
 from __future__ import annotations
 
 import logging
+import re
 import time
 import uuid
+import weakref
+from typing import Any
 
 from starlette.requests import ClientDisconnect
+from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.errors import INTERNAL_ERROR_MESSAGE, error_body
@@ -119,6 +123,29 @@ class TrackedSend:
         await self._send(message)
 
 
+_ROUTE_TEMPLATES: weakref.WeakKeyDictionary[Any, list[tuple[re.Pattern[str], str]]] = weakref.WeakKeyDictionary()
+
+
+def _route_template(scope: Scope) -> str:
+    """The route a request was for when routing never ran: a 413 from ``BodyLimitMiddleware`` or a 504
+    answered before the body was read still counts under ``/v1/classify``, not under "unmatched".
+
+    The templates come from the app's OpenAPI paths (public and cached by FastAPI), not from walking
+    the router, whose nesting of included routers is private to each FastAPI version."""
+    app = scope.get("app")
+    if app is None or not callable(getattr(app, "openapi", None)):
+        return "unmatched"
+    compiled = _ROUTE_TEMPLATES.get(app)
+    if compiled is None:
+        try:
+            paths = list(app.openapi().get("paths", {}))
+        except Exception:  # the schema is for docs; metrics must not fail because of it
+            paths = []
+        compiled = _ROUTE_TEMPLATES[app] = [(compile_path(p)[0], p) for p in paths]
+    path = scope.get("path", "")
+    return next((template for regex, template in compiled if regex.match(path)), "unmatched")
+
+
 def _valid_request_id(value: str) -> bool:
     return 0 < len(value) <= 128 and all(c.isascii() and (c.isalnum() or c in "-_.:") for c in value)
 
@@ -171,7 +198,7 @@ class RequestIdMiddleware:
             await send_error(send_wrapped, 500, "internal_error", INTERNAL_ERROR_MESSAGE)
         finally:
             duration = time.perf_counter() - start
-            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            route = getattr(scope.get("route"), "path", None) or _route_template(scope)
             method = scope.get("method", "-")
             final = status or 500
             access_log.info("%s %s %s %.1fms", method, scope.get("path", ""), final, duration * 1000,

@@ -20,7 +20,12 @@ IMAGE_PART: dict[str, Any] = {"type": "string", "format": "binary", "description
 
 
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """``responses=`` for a route's error status codes, each with the one error body shape."""
+    """``responses=`` for a route's error status codes, each with the one error body shape.
+
+    A route that takes a body (413 among its codes) also lists 504: ``MMFUSION_REQUEST_TIMEOUT_S``
+    covers the upload and the wait in the batching queues (``app.api.timeout``)."""
+    if 413 in codes and 504 not in codes:
+        codes = (*codes, 504)
     return {code: {"model": ErrorResponse} for code in codes}
 
 

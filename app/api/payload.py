@@ -29,6 +29,7 @@ import codecs
 import json
 import math
 import unicodedata
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -44,6 +45,7 @@ from app.core.errors import (
     PayloadTooLargeError,
     UnsupportedMediaTypeError,
 )
+from app.core.json_types import json_type_name
 from app.preprocessing.text import clean_text, has_lone_surrogate
 
 MAX_PARTS = 16
@@ -60,13 +62,27 @@ class Payload:
     image: bytes | None = None
     text: str | None = None
     fields: dict[str, Any] = field(default_factory=dict)
+    image_field: str = "image"
+    """What the client called the image (``image`` part, or JSON ``image_base64``): errors name it."""
 
 
 def content_type(request: Request) -> tuple[str, dict[bytes, bytes]]:
-    """The lower-cased media type and its parameters (``boundary``, ``charset``)."""
+    """The lower-cased media type and its parameters (``boundary``, ``charset``).
+
+    Refuses (415) what every body route would otherwise misread: a compressed body
+    (``Content-Encoding``; it would fail as "not valid UTF-8" or "malformed multipart"), and JSON
+    declared in a charset other than UTF-8 (JSON is UTF-8, RFC 8259; decoding it as UTF-8 anyway would
+    silently change non-ASCII text)."""
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise UnsupportedMediaTypeError(f"Content-Encoding {encoding} is not supported; send the body uncompressed")
     raw = request.headers.get("content-type", "")
     ctype, params = parse_options_header(raw)
-    return ctype.decode("latin-1").strip().lower(), params
+    media = ctype.decode("latin-1").strip().lower()
+    charset = params.get(b"charset", b"utf-8").decode("latin-1").strip().lower()
+    if media == "application/json" and charset not in ("utf-8", "utf8"):
+        raise UnsupportedMediaTypeError(f"JSON in charset {charset} is not supported; send UTF-8 (RFC 8259)")
+    return media, params
 
 
 def decode_base64(value: str, field_name: str) -> bytes:
@@ -237,13 +253,21 @@ async def read_json_body(request: Request) -> Any:
 
 
 def validate_model(model: type[M], data: Any) -> M:
-    """``data`` against ``model``; the 422 names the first offending field (``items.0.text``)."""
+    """``data`` against ``model``; the 422 names the first offending field (``items.0.text``).
+
+    Strict: JSON already has types, so ``"top_k": "3"`` or ``"top_k": true`` is a client bug to
+    report, not a value to coerce (pydantic's lax mode would read ``true`` as 1)."""
     try:
-        return model.model_validate(data)
+        return model.model_validate(data, strict=True)
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = _path(tuple(err["loc"]))
-        raise InvalidFieldError(f"{loc or 'body'}: {err['msg']}", field=loc) from None
+        raise InvalidFieldError(f"{loc or 'body'}: {validation_message(err)}", field=loc) from None
+
+
+def validation_message(err: Mapping[str, Any]) -> str:
+    """A pydantic error's message without the "Value error, " that pydantic puts before a validator's own."""
+    return str(err.get("msg", "invalid value")).removeprefix("Value error, ")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -394,7 +418,7 @@ async def read_payload(request: Request, json_model: type[BaseModel], *, max_par
     if ctype == "application/json":
         data = parse_json(await request.body())
         if not isinstance(data, dict):
-            raise InvalidFieldError(f"body must be a JSON object, not {type(data).__name__}", field=None)
+            raise InvalidFieldError(f"body must be a JSON object, not {json_type_name(data)}", field=None)
         values = validate_model(json_model, data).model_dump()
         image_b64 = values.pop("image_base64", None)
         text = values.pop("text", None)
@@ -402,6 +426,7 @@ async def read_payload(request: Request, json_model: type[BaseModel], *, max_par
             image=decode_base64(image_b64, "image_base64") if image_b64 is not None else None,
             text=text,
             fields=values,
+            image_field="image_base64",
         )
     hint = " (images cannot be sent url-encoded)" if ctype == "application/x-www-form-urlencoded" else ""
     raise UnsupportedMediaTypeError(

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchema
+
+from app.core.json_types import json_type_name
 
 
 class ErrorDetail(BaseModel):
@@ -61,12 +63,27 @@ class EmbedResponse(BaseModel):
     timings_ms: dict[str, float]
 
 
+def _filter_value(value: object) -> str | int | float | bool:
+    if isinstance(value, str | int | float):  # bool is an int
+        return value
+    raise ValueError(f"a filter value must be a string, number or boolean, not {json_type_name(value)}")
+
+
+FilterValue = Annotated[
+    str | int | float | bool,
+    PlainValidator(_filter_value),
+    WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "number"}, {"type": "boolean"}]}),
+]
+"""One filter value. Validated by hand: a plain union reports a wrong value once per member type, under
+locations such as ``filter.owner.str`` that name pydantic's internals rather than the request."""
+
+
 class SearchJSONRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     image_base64: str | None = None
     text: str | None = Field(default=None, examples=["a small blue square on a white background"])
     k: int = Field(default=10, ge=1)
-    filter: dict[str, str | int | float | bool] | None = Field(
+    filter: dict[str, FilterValue] | None = Field(
         default=None, description="Metadata equality filter: every key must match exactly."
     )
 
@@ -191,7 +208,7 @@ class ClassifyBatchResponse(BaseModel):
 # /v1/index
 # --------------------------------------------------------------------------------------------------
 
-ITEM_ID_DESCRIPTION = "1-256 characters from [A-Za-z0-9._:-] (no '/', spaces or unicode)."
+ITEM_ID_DESCRIPTION = "1-256 characters from [A-Za-z0-9._:-] (no '/', spaces or unicode), not '.' or '..'."
 EMBEDDED_FROM_DESCRIPTION = (
     "What the stored vector was made of: 'image', 'text', or 'image+text' (the two unit embeddings "
     "averaged and re-normalised, the same rule as an image+text search query)."

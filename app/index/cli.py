@@ -233,7 +233,7 @@ def _prepare(row: Row, base_dir: Path, seen: dict[str, int], max_text_chars: int
     if row.error is not None:
         raise ValueError(row.error)
     try:
-        item_id = validate_item_id(row.id if row.id is not None else "")
+        item_id = validate_item_id(row.id if row.id is not None else "", for_write=True)
         if item_id in seen:
             raise ValueError(f"id {item_id!r} is repeated in the manifest (first on line {seen[item_id]})")
         text = check_text(row.text, max_text_chars, required=False)

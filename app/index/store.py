@@ -48,6 +48,7 @@ import faiss
 import numpy as np
 import numpy.typing as npt
 
+from app.core.json_types import json_type_name
 from app.index.errors import (
     DimensionMismatchError,
     IndexBundleMismatchError,
@@ -169,10 +170,13 @@ class IndexStats:
 # --------------------------------------------------------------------------------------------------
 
 
-def validate_item_id(item_id: object) -> str:
-    """Ids end up in URLs, logs and (elsewhere) file names, so only a safe alphabet is accepted."""
+def validate_item_id(item_id: object, *, for_write: bool = False) -> str:
+    """Ids end up in URLs, logs and (elsewhere) file names, so only a safe alphabet is accepted.
+
+    ``for_write`` also refuses ids that a new item may not take but an index written by an earlier
+    version may already hold (opening, reading and deleting those must keep working)."""
     if not isinstance(item_id, str):
-        raise InvalidItemIdError(f"item id must be a string, got {type(item_id).__name__}")
+        raise InvalidItemIdError(f"item id must be a string, got {json_type_name(item_id)}")
     if not item_id:
         raise InvalidItemIdError("item id must not be empty")
     if len(item_id) > MAX_ID_LENGTH:
@@ -181,6 +185,10 @@ def validate_item_id(item_id: object) -> str:
         raise InvalidItemIdError(
             f"item id {item_id[:64]!r} has characters outside [A-Za-z0-9._:-] (no '/', spaces or unicode)"
         )
+    if for_write and item_id in (".", ".."):
+        # URL path segments that clients normalise away (RFC 3986 dot segments): such an item could be
+        # written but never read or deleted by ``/v1/index/items/{id}`` from curl or a browser.
+        raise InvalidItemIdError(f"item id {item_id!r} is a relative path segment in a URL; choose another id")
     return item_id
 
 
@@ -220,7 +228,7 @@ def _check_json_value(value: object, depth: int, where: str) -> None:
             _check_json_value(v, depth + 1, f"{where}.{k}")
         return
     raise InvalidItemError(
-        f"metadata {where} has a value of type {type(value).__name__}, which is not JSON", field="metadata"
+        f"metadata {where} has a value of type {json_type_name(value)}, which is not JSON", field="metadata"
     )
 
 
@@ -588,7 +596,7 @@ class VectorIndex:
             return 0
         matrix = np.empty((len(items), self._dim), dtype=np.float32)
         for j, item in enumerate(items):
-            item_id = validate_item_id(item.id)
+            item_id = validate_item_id(item.id, for_write=True)
             vec = _as_float32(item.vector, field="vector")
             if vec.ndim != 1:
                 raise InvalidVectorError(f"vector of item {item_id!r} must be 1-D, got shape {vec.shape}")
@@ -629,7 +637,7 @@ class VectorIndex:
         if metadata is not None and len(metadata) != n:
             raise InvalidItemError(f"got {len(metadata)} metadata entries for {n} ids", field="metadata")
         for item_id in ids:
-            validate_item_id(item_id)
+            validate_item_id(item_id, for_write=True)
         normed = self._normalise(vectors, ids)
         text_list: list[str | None] = (
             [None] * n if texts is None else [_validate_text(t, i) for t, i in zip(texts, ids, strict=True)]
@@ -1034,7 +1042,7 @@ def _validate_filter(filter: Filter | None) -> list[tuple[str, _FilterKey]]:
         fk = _filter_key(value)
         if fk is None:
             raise InvalidQueryError(
-                f"filter value for {key!r} must be a string, number, boolean or null; got {type(value).__name__}",
+                f"filter value for {key!r} must be a string, number, boolean or null; got {json_type_name(value)}",
                 field="filter",
             )
         conditions.append((key, fk))

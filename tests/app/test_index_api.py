@@ -142,7 +142,7 @@ def test_index_status_reports_size_identity_and_persistence(client) -> None:
          "metadata"),
         ({"id": "x", "text": "y", "metadata": {"deep": {"big": "z" * 70_000}}}, 422, "invalid_item", "metadata"),
         ({"id": "x", "image_base64": "!!!"}, 422, "invalid_field", "image_base64"),
-        ({"id": "x", "image_base64": b64(b"plain text, not an image")}, 415, "unsupported_media_type", "image"),
+        ({"id": "x", "image_base64": b64(b"plain text, not an image")}, 415, "unsupported_media_type", "image_base64"),
         ({"id": "x", "text": "y", "vector": [1, 2]}, 422, "invalid_field", "vector"),
     ],
     ids=["no-id", "traversal", "too-long", "unicode", "no-content", "blank-text", "metadata-list", "reserved-key",

@@ -42,6 +42,7 @@ from app.index import (
     ItemNotFoundError,
     VectorIndex,
 )
+from app.index.store import validate_item_id
 from app.index.wal import WAL_HEADER_SIZE
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -229,9 +230,20 @@ def test_invalid_ids_are_rejected(bad_id: Any) -> None:
 
 def test_valid_id_edge_cases() -> None:
     index = VectorIndex.in_memory(2)
-    for ok in ["a" * 256, "A.b_c:d-9", ".", "0"]:
+    for ok in ["a" * 256, "A.b_c:d-9", "...", ".a", "0"]:
         index.add(ok, [1, 1])
-    assert index.count == 4
+    assert index.count == 5
+
+
+def test_dot_segment_ids_are_refused_for_new_items_but_still_valid_to_read() -> None:
+    # curl and browsers normalise /v1/index/items/.. away, so such an item could never be read or
+    # deleted over HTTP; an index written before the rule may hold one and must still open.
+    index = VectorIndex.in_memory(2)
+    for bad in (".", ".."):
+        with pytest.raises(InvalidItemIdError, match="relative path segment"):
+            index.add(bad, [1, 1])
+        assert validate_item_id(bad) == bad
+    assert index.count == 0
 
 
 def test_invalid_vectors_queries_and_items() -> None:

@@ -275,9 +275,46 @@ def test_json_wrong_types_are_422_naming_the_field(api: TestClient, payload: dic
     assert_error(api.post("/v1/classify", json=payload), 422, "invalid_field", field)
 
 
-@pytest.mark.parametrize("raw", ["[1, 2]", '"a string"', "42", "null"])
-def test_json_body_that_is_not_an_object_is_422(api: TestClient, raw: str) -> None:
-    assert_error(post_raw_json(api, raw), 422, "invalid_field")
+@pytest.mark.parametrize(("raw", "name"), [("[1, 2]", "array"), ('"a string"', "string"), ("42", "number"),
+                                           ("null", "null")])
+def test_json_body_that_is_not_an_object_is_422_naming_the_json_type(api: TestClient, raw: str, name: str) -> None:
+    err = assert_error(post_raw_json(api, raw), 422, "invalid_field")
+    assert err["message"] == f"body must be a JSON object, not {name}"
+
+
+@pytest.mark.parametrize("value", [True, "3", 3.0])
+def test_json_numbers_are_strict_no_bool_or_string_coercion(api: TestClient, value: object) -> None:
+    # Lax validation would read true as top_k=1 and "3" as 3: a client bug answered as if it were meant.
+    err = assert_error(api.post("/v1/classify", json={"image_base64": PNG_B64, "text": "hi", "top_k": value}),
+                       422, "invalid_field", "top_k")
+    assert "valid integer" in err["message"]
+    assert_error(api.post("/v1/search", json={"text": "hi", "k": value}), 422, "invalid_field", "k")
+
+
+@pytest.mark.parametrize(("value", "name"), [(None, "null"), ({"a": 1}, "object"), ([1], "array")])
+def test_a_bad_filter_value_names_the_key_and_the_json_type(api: TestClient, value: object, name: str) -> None:
+    err = assert_error(api.post("/v1/search", json={"text": "hi", "filter": {"owner": value}}),
+                       422, "invalid_field", "filter.owner")
+    assert err["message"] == f"filter.owner: a filter value must be a string, number or boolean, not {name}"
+
+
+def test_compressed_bodies_are_415_not_misread(api: TestClient) -> None:
+    import gzip
+
+    body = gzip.compress(json.dumps({"image_base64": PNG_B64, "text": "hi"}).encode())
+    err = assert_error(api.post("/v1/classify", content=body, headers={
+        "content-type": "application/json", "content-encoding": "gzip"}), 415, "unsupported_media_type")
+    assert "Content-Encoding gzip" in err["message"]
+
+
+def test_json_in_another_charset_is_415(api: TestClient) -> None:
+    body = json.dumps({"image_base64": PNG_B64, "text": "café"}, ensure_ascii=False).encode("latin-1")
+    err = assert_error(api.post("/v1/classify", content=body, headers={
+        "content-type": "application/json; charset=latin-1"}), 415, "unsupported_media_type")
+    assert "UTF-8" in err["message"]
+    r = api.post("/v1/classify", content=body.decode("latin-1").encode(), headers={
+        "content-type": "application/json; charset=UTF-8"})
+    assert r.status_code == 200, r.text
 
 
 @pytest.mark.parametrize("raw", [b"", b"   ", b"{not json", b'{"text": "hi",}', b"\xff\xfe{}", "[" * 100_000],
@@ -310,7 +347,7 @@ def test_base64_with_line_breaks_or_a_data_url_prefix_is_accepted(api: TestClien
 def test_valid_base64_of_a_non_image_is_415(api: TestClient) -> None:
     value = base64.b64encode(b"<svg xmlns='http://www.w3.org/2000/svg'/>").decode()
     assert_error(api.post("/v1/classify", json={"image_base64": value, "text": "hi"}), 415,
-                 "unsupported_media_type", "image")
+                 "unsupported_media_type", "image_base64")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -491,6 +528,36 @@ def test_chunked_upload_over_a_real_socket_gets_413_without_sending_everything(t
 # --------------------------------------------------------------------------------------------------
 # Every error status uses the schema; nothing internal leaks
 # --------------------------------------------------------------------------------------------------
+
+
+def test_a_trailing_slash_is_a_json_404_naming_the_route_not_a_redirect(api: TestClient) -> None:
+    r = api.post("/v1/classify/", json={"image_base64": PNG_B64, "text": "hi"}, follow_redirects=False)
+    err = assert_error(r, 404, "not_found")
+    assert "try /v1/classify" in err["message"]
+
+
+def test_health_probes_answer_head(api: TestClient) -> None:
+    for path in ("/livez", "/readyz"):
+        r = api.head(path)
+        assert r.status_code == 200, (path, r.status_code)
+    paths = api.get("/openapi.json").json()["paths"]
+    assert set(paths["/livez"]) == {"get"}  # HEAD is served but not a second documented operation
+
+
+def test_a_413_from_the_body_limit_is_counted_under_its_route(api: TestClient) -> None:
+    from prometheus_client import REGISTRY
+
+    labels = {"method": "POST", "route": "/v1/classify", "status": "413"}
+    before = REGISTRY.get_sample_value("mmfusion_requests_total", labels) or 0.0
+    body, headers = multipart([("image", b"\xff\xd8\xff" + b"\x00" * (LIMIT + 10), "a.jpg"), ("text", b"hi", None)])
+    assert_error(api.post("/v1/classify", content=body, headers=headers), 413, "payload_too_large")
+    assert REGISTRY.get_sample_value("mmfusion_requests_total", labels) == before + 1
+
+
+def test_upload_routes_document_the_504_deadline(api: TestClient) -> None:
+    paths = api.get("/openapi.json").json()["paths"]
+    for path in ("/v1/classify", "/v1/embed", "/v1/search", "/v1/classify/batch"):
+        assert "504" in paths[path]["post"]["responses"], path
 
 
 def test_404_and_405_use_the_schema(api: TestClient) -> None:

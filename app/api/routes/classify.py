@@ -32,6 +32,7 @@ from app.core.errors import (
     PayloadTooLargeError,
     UnsupportedMediaTypeError,
 )
+from app.core.json_types import json_type_name
 from app.inference.pipeline import Timings
 
 router = APIRouter(prefix="/v1", tags=["inference"])
@@ -71,7 +72,7 @@ async def classify(request: Request, state: State) -> ClassifyResponse:
     top_k = parse_top_k(payload.fields.get("top_k"), len(pipeline.manifest.labels))
     timings = Timings()
     t = time.perf_counter()
-    pixels = await decode(state, payload.image)
+    pixels = await decode(state, payload.image, field=payload.image_field)
     timings.add("decode", t)
     probs, truncated = await batched(state).classify(pixels[None], [text], timings)
     p = probs[0]
@@ -120,7 +121,7 @@ async def read_json_items(request: Request, max_items: int) -> list[Any]:
 def validate_item(model: type[M], raw: object) -> M:
     """One batch item against its model; the error names the field inside the item."""
     if not isinstance(raw, dict):
-        raise InvalidFieldError(f"each item must be a JSON object, got {type(raw).__name__}", field=None)
+        raise InvalidFieldError(f"each item must be a JSON object, got {json_type_name(raw)}", field=None)
     return validate_model(model, raw)
 
 

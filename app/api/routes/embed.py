@@ -36,7 +36,7 @@ async def embed(request: Request, state: State) -> EmbedResponse:
     out = EmbedResponse(dimension=pipeline.manifest.embedding_dim, model=state.model_ref(), timings_ms={})
     if payload.image is not None:
         t = time.perf_counter()
-        pixels = await decode(state, payload.image)
+        pixels = await decode(state, payload.image, field=payload.image_field)
         timings.add("decode", t)
         t = time.perf_counter()
         out.image_embedding = (await encoders.embed_images(pixels[None]))[0].astype(float).tolist()

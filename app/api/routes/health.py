@@ -13,11 +13,15 @@ from app.core.errors import NotReadyError
 router = APIRouter()
 
 
+# HEAD too: load balancers and probes (HAProxy's default check, some uptime monitors) send HEAD. Not in
+# the schema: one operation per path and method keeps the OpenAPI operation ids unique.
+@router.head("/livez", include_in_schema=False)
 @router.get("/livez", response_model=HealthResponse, tags=["health"], summary="The process is up")
 async def livez() -> HealthResponse:
     return HealthResponse(status="ok")
 
 
+@router.head("/readyz", include_in_schema=False)
 @router.get("/readyz", response_model=HealthResponse, tags=["health"],
             responses=error_responses(503), summary="Model loaded and warmed up")
 async def readyz(state: State) -> HealthResponse:

@@ -128,13 +128,14 @@ async def add_item(request: Request, response: Response, state: State, principal
     unknown = sorted(set(payload.fields) - {"id", "metadata"})
     if unknown:
         raise InvalidFieldError(f"unknown field(s) {unknown}; send id, image, text, metadata", field=unknown[0])
-    item_id = validate_item_id(payload.fields.get("id") or "")
+    item_id = validate_item_id(payload.fields.get("id") or "", for_write=True)
     text = check_text(payload.text, settings.max_text_chars, required=False)
     if payload.image is None and text is None:
         raise InvalidFieldError("send an image, a text, or both", field="image")
     user = client_metadata(payload.fields.get("metadata"))
     timings = Timings()
-    vector, kind, truncated = await embed_one(state, encoders, payload.image, text, timings)
+    vector, kind, truncated = await embed_one(state, encoders, payload.image, text, timings,
+                                              payload.image_field)
     metadata = stored_metadata(item_id, user, kind)
     t = time.perf_counter()
     created = await infer(lambda: index.add(item_id, vector, text=text, metadata=metadata))
@@ -175,7 +176,7 @@ async def add_items(request: Request, state: State, principal: AdminKey) -> Inde
         item_id = raw.get("id") if isinstance(raw, dict) and isinstance(raw.get("id"), str) else None
         try:
             item = validate_item(IndexItemJSONRequest, raw)
-            validate_item_id(item.id)
+            validate_item_id(item.id, for_write=True)
             if item.id in seen:
                 raise InvalidFieldError(f"id {item.id!r} is repeated in this batch (first at item {seen[item.id]})",
                                         field="id")

@@ -149,13 +149,13 @@ async def embed_mixed_batched(
 
 
 async def embed_one(state: ServiceState, encoders: BatchedPipeline, image: bytes | None, text: str | None,
-                    timings: Timings) -> tuple[np.ndarray, str, bool]:
+                    timings: Timings, image_field: str = "image") -> tuple[np.ndarray, str, bool]:
     """One query or item (an image, a text, or both) -> its unit vector, what it was embedded from, and
     whether the text was truncated: decoded in the decode pool, then through the batchers."""
     pixels = None
     if image is not None:
         t = time.perf_counter()
-        pixels = await decode(state, image)
+        pixels = await decode(state, image, field=image_field)
         timings.add("decode", t)
     vectors, kinds, truncated = await embed_mixed_batched(encoders, [pixels], [text], timings)
     return vectors[0], kinds[0], truncated[0]
@@ -205,7 +205,7 @@ async def search(request: Request, state: State) -> SearchResponse:
     k = _parse_k(payload.fields.get("k"), state.settings.max_top_k)
     flt = _parse_filter(payload.fields.get("filter"))
     timings = Timings()
-    vector, kind, _ = await embed_one(state, encoders, payload.image, text, timings)
+    vector, kind, _ = await embed_one(state, encoders, payload.image, text, timings, payload.image_field)
     t = time.perf_counter()
     hits = (await infer(index.search, vector, k, flt))[0]
     timings.add("index_search", t)
