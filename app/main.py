@@ -54,7 +54,8 @@ def open_index(state: ServiceState, pipeline: ModelPipeline) -> None:
             log.info("seeded the index at %s from the bundle's %s", path, manifest.seed_index)
     try:
         state.index = VectorIndex.open(path, bundle_name=manifest.name, bundle_version=manifest.version,
-                                       dim=manifest.embedding_dim)
+                                       dim=manifest.embedding_dim,
+                                       embedding_fingerprint=manifest.embedding_fingerprint())
         metrics.INDEX_ITEMS.set(state.index.count)
     except IndexStoreError as exc:
         state.index = None

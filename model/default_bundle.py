@@ -105,7 +105,8 @@ def build_seed_index(bundle: Path, demo_root: Path, split: str = "test", progres
     seed_dir = bundle / "seed_index"
     shutil.rmtree(seed_dir, ignore_errors=True)
     index = VectorIndex.open(seed_dir, bundle_name=manifest.name, bundle_version=manifest.version,
-                             dim=manifest.embedding_dim, durable=False)
+                             dim=manifest.embedding_dim, embedding_fingerprint=manifest.embedding_fingerprint(),
+                             durable=False)
     items = []
     for start in tqdm(range(0, len(rows), 32), desc="seed index", disable=not progress, leave=False):
         chunk = rows[start : start + 32]

@@ -117,6 +117,8 @@ class ModelInfoResponse(BaseModel):
     tasks: list[str]
     labels: list[str]
     embedding_dim: int
+    embedding_fingerprint: str = Field(description="Identifies the embedding space (the fp32 encoders' and the "
+                                       "tokenizer's hashes): vectors from bundles with another one are not comparable.")
     precision: str
     available_precisions: list[str]
     providers: list[str] = Field(description="ONNX Runtime execution providers really in use.")
@@ -309,6 +311,10 @@ class BundleIdentity(BaseModel):
     name: str = Field(examples=["mmfusion-demo"])
     version: str = Field(examples=["1.0.0"])
     dimension: int = Field(examples=[256])
+    embedding_fingerprint: str | None = Field(
+        default=None, examples=["3f1c0e9a2b7d4c55"],
+        description="Identifies the weights that made the vectors (null for an index written before "
+        "fingerprints): an index opens only under a bundle with the same one.")
 
 
 class IndexStatusResponse(BaseModel):

@@ -7,6 +7,7 @@ bundle trained with other settings is served correctly without code changes.
 
 from __future__ import annotations
 
+import hashlib
 from datetime import datetime
 from typing import Literal
 
@@ -180,6 +181,18 @@ class BundleManifest(_Strict):
         sets = [set(g.variants) for g in self.graphs.values()]
         common = set.intersection(*sets) if sets else set()
         return sorted(common, key=["fp32", "fp16", "int8"].index)
+
+    def embedding_fingerprint(self) -> str:
+        """Identifies the embedding space: the sha256 of the fp32 image and text encoders' and the
+        tokenizer's own sha256s (already in this manifest, so it costs nothing to compute).
+
+        An index stores it and refuses to open under a bundle whose fingerprint differs: name and
+        version alone cannot tell two trainings apart (``mmfusion train`` defaults both), and a search
+        of vectors from other weights returns confident nonsense. Quantized variants approximate the
+        fp32 graphs, so they share the space and the fingerprint."""
+        parts = [self.graphs[role].variants["fp32"].sha256 for role in ("image_encoder", "text_encoder")]
+        parts.append(self.text.tokenizer_sha256)
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
     def files(self) -> dict[str, str]:
         """Every file the manifest vouches for, with its expected sha256."""

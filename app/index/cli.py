@@ -76,11 +76,13 @@ def _pipeline(settings: Settings) -> ModelPipeline:
         raise CLIError(f"cannot load the bundle: {exc}") from None
 
 
-def _open_index(path: Path, name: str, version: str, dim: int, *, durable: bool = True) -> VectorIndex:
+def _open_index(path: Path, name: str, version: str, dim: int, *, fingerprint: str | None = None,
+                durable: bool = True) -> VectorIndex:
     from app.index import IndexLockedError, IndexStoreError, VectorIndex
 
     try:
-        return VectorIndex.open(path, bundle_name=name, bundle_version=version, dim=dim, durable=durable)
+        return VectorIndex.open(path, bundle_name=name, bundle_version=version, dim=dim,
+                                embedding_fingerprint=fingerprint, durable=durable)
     except IndexLockedError as exc:
         raise CLIError(f"{exc} If the server is running on this index, stop it first, or use the HTTP API "
                        "(POST /v1/index/items/batch, GET /v1/index).") from None
@@ -260,7 +262,8 @@ def cmd_import(args: argparse.Namespace) -> int:
     base_dir = Path(args.base_dir).resolve() if args.base_dir else manifest_path.resolve().parent
     pipeline = _pipeline(settings)
     m = pipeline.manifest
-    index = _open_index(settings.index_path, m.name, m.version, m.embedding_dim)
+    index = _open_index(settings.index_path, m.name, m.version, m.embedding_dim,
+                        fingerprint=m.embedding_fingerprint())
     report = Report()
     added = replaced = 0
     t0 = time.perf_counter()
@@ -415,7 +418,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
         out["problem"] = str(exc)
         print(json.dumps(out, indent=2))
         return 1
-    out["index_bundle"] = {"name": ident.bundle_name, "version": ident.bundle_version, "dim": ident.dim}
+    out["index_bundle"] = {"name": ident.bundle_name, "version": ident.bundle_version, "dim": ident.dim,
+                           "embedding_fingerprint": ident.embedding_fingerprint}
     out["compatible"] = None if loaded is None else loaded == ident.identity
     if out["compatible"] is False:
         out["problem"] = ("the index was built by another bundle than --bundle / MMFUSION_BUNDLE; "
@@ -505,7 +509,8 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
         if not args.dry_run and (not problems or args.drop_unrebuildable):
             if tmp.exists():
                 shutil.rmtree(tmp)  # leftover of an interrupted rebuild: never part of the live index
-            new = _open_index(tmp, m.name, m.version, m.embedding_dim, durable=False)
+            new = _open_index(tmp, m.name, m.version, m.embedding_dim, fingerprint=m.embedding_fingerprint(),
+                              durable=False)
             try:
                 with ThreadPoolExecutor(settings.resolved_decode_threads(), thread_name_prefix="decode") as pool, \
                         _progress(len(plans), "rebuild", not args.no_progress) as bar:
@@ -549,7 +554,8 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
 
     out = {
         "index_path": str(path), "dry_run": args.dry_run, "swapped": swapped, "atomic_swap": atomic,
-        "from_bundle": {"name": old_ident.bundle_name, "version": old_ident.bundle_version, "dim": old_ident.dim},
+        "from_bundle": {"name": old_ident.bundle_name, "version": old_ident.bundle_version, "dim": old_ident.dim,
+                        "embedding_fingerprint": old_ident.embedding_fingerprint},
         "to_bundle": {"name": m.name, "version": m.version, "dim": m.embedding_dim},
         "items": total, "rebuilt": rebuilt, "unrebuildable": len(problems), "problems": problems,
         "old_index_kept_at": str(kept) if kept else None, "seconds": round(time.perf_counter() - t0, 3),

@@ -146,12 +146,24 @@ class IndexBundleMismatchError(IndexStoreError):
         *,
         index_bundle: tuple[str, str, int],
         loaded_bundle: tuple[str, str, int],
+        index_fingerprint: str | None = None,
+        loaded_fingerprint: str | None = None,
     ):
         built_name, built_version, built_dim = index_bundle
         name, version, dim = loaded_bundle
-        problem = (
-            f"was built by bundle {built_name!r} version {built_version!r} "
-            f"(dim {built_dim}), but the loaded bundle is {name!r} version {version!r} (dim {dim}). "
+        if index_bundle == loaded_bundle:  # same name, version and dim: the weights differ
+            problem = (
+                f"was built by bundle {built_name!r} version {built_version!r} with embedding fingerprint "
+                f"{index_fingerprint}, but the loaded bundle of that name and version has fingerprint "
+                f"{loaded_fingerprint}: other weights (a retraining or another model exported under the same "
+                "name). "
+            )
+        else:
+            problem = (
+                f"was built by bundle {built_name!r} version {built_version!r} "
+                f"(dim {built_dim}), but the loaded bundle is {name!r} version {version!r} (dim {dim}). "
+            )
+        problem += (
             "Embeddings from different bundles are not comparable. Rebuild the index with "
             "`mmfusion index rebuild` (or point MMFUSION_INDEX_PATH elsewhere)."
         )
@@ -160,6 +172,8 @@ class IndexBundleMismatchError(IndexStoreError):
         self.path = path
         self.index_bundle = index_bundle
         self.loaded_bundle = loaded_bundle
+        self.index_fingerprint = index_fingerprint
+        self.loaded_fingerprint = loaded_fingerprint
 
 
 class IndexLockedError(IndexStoreError):

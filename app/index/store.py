@@ -32,6 +32,7 @@ Design, and why:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -151,6 +152,7 @@ class IndexStats:
     bundle_name: str | None
     bundle_version: str | None
     created_at: datetime | None
+    embedding_fingerprint: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (paths and datetimes as strings)."""
@@ -422,10 +424,16 @@ class VectorIndex:
         bundle_name: str,
         bundle_version: str,
         dim: int,
+        embedding_fingerprint: str | None = None,
         durable: bool = True,
         auto_compact_bytes: int | None = DEFAULT_AUTO_COMPACT_BYTES,
     ) -> VectorIndex:
         """Open (creating if missing) the index directory ``path`` for the given bundle.
+
+        ``embedding_fingerprint`` (``BundleManifest.embedding_fingerprint()``) tells two bundles with the
+        same name, version and dimension apart: an index that recorded another one is refused. An index
+        written before fingerprints existed cannot be checked; it opens with a warning and records this
+        one from then on. None (tools that open an index by its own identity) checks nothing.
 
         ``durable=True`` fsyncs every acknowledged write, so it survives power loss; with ``False``
         writes still reach the OS before returning (they survive ``kill -9``, not a kernel crash).
@@ -450,10 +458,22 @@ class VectorIndex:
             snapshot_path = directory / SNAPSHOT_FILE
             if manifest_path.exists():
                 manifest = IndexManifest.load(manifest_path)
-                if manifest.identity != (bundle_name, bundle_version, dim):
+                recorded = manifest.embedding_fingerprint
+                if manifest.identity != (bundle_name, bundle_version, dim) or (
+                    embedding_fingerprint and recorded and recorded != embedding_fingerprint
+                ):
                     raise IndexBundleMismatchError(
-                        directory, index_bundle=manifest.identity, loaded_bundle=(bundle_name, bundle_version, dim)
+                        directory, index_bundle=manifest.identity, loaded_bundle=(bundle_name, bundle_version, dim),
+                        index_fingerprint=recorded, loaded_fingerprint=embedding_fingerprint,
                     )
+                if embedding_fingerprint and not recorded:
+                    logger.warning(
+                        "vector index at %s predates embedding fingerprints: it cannot be checked against the "
+                        "weights of %s@%s, only their name and dimension; recording fingerprint %s from now on "
+                        "(if it was built by other weights with the same name, run `mmfusion index rebuild`)",
+                        directory, bundle_name, bundle_version, embedding_fingerprint)
+                    manifest = dataclasses.replace(manifest, embedding_fingerprint=embedding_fingerprint)
+                    manifest.write(manifest_path)
                 if not wal_path.exists():
                     raise IndexCorruptError(wal_path, "is missing although index.json exists", index_dir=directory)
             else:
@@ -465,7 +485,8 @@ class VectorIndex:
                 # WAL first, manifest last: a directory with index.json is always complete.
                 WriteAheadLog.create_empty(wal_path, dim)
                 manifest = IndexManifest(
-                    bundle_name=bundle_name, bundle_version=bundle_version, dim=dim, created_at=utcnow()
+                    bundle_name=bundle_name, bundle_version=bundle_version, dim=dim, created_at=utcnow(),
+                    embedding_fingerprint=embedding_fingerprint,
                 )
                 manifest.write(manifest_path)
                 logger.info("created vector index at %s for bundle %s@%s", directory, bundle_name, bundle_version)
@@ -807,6 +828,7 @@ class VectorIndex:
                 wal_bytes=self._wal.size_bytes if self._wal is not None else 0,
                 bundle_name=m.bundle_name if m else None,
                 bundle_version=m.bundle_version if m else None,
+                embedding_fingerprint=m.embedding_fingerprint if m else None,
                 created_at=m.created_at if m else None,
             )
 

@@ -190,6 +190,9 @@ class IndexManifest:
     dim: int
     created_at: datetime
     format_version: int = FORMAT_VERSION
+    embedding_fingerprint: str | None = None
+    """The bundle's ``BundleManifest.embedding_fingerprint()``; None in indexes written before it existed
+    (the key is optional, so the format version did not change)."""
 
     @property
     def identity(self) -> tuple[str, str, int]:
@@ -203,7 +206,8 @@ class IndexManifest:
                 "bundle_version": self.bundle_version,
                 "dim": self.dim,
                 "created_at": self.created_at.isoformat(),
-            },
+            }
+            | ({"embedding_fingerprint": self.embedding_fingerprint} if self.embedding_fingerprint else {}),
             indent=2,
         )
 
@@ -242,7 +246,11 @@ class IndexManifest:
             created_at = None
         if created_at is None:
             raise IndexCorruptError(path, f"has an invalid 'created_at' {created!r}")
-        return cls(bundle_name=name, bundle_version=bundle_version, dim=dim, created_at=created_at)
+        fingerprint = raw.get("embedding_fingerprint")
+        if fingerprint is not None and (not isinstance(fingerprint, str) or not fingerprint):
+            raise IndexCorruptError(path, f"has an invalid 'embedding_fingerprint' {fingerprint!r}")
+        return cls(bundle_name=name, bundle_version=bundle_version, dim=dim, created_at=created_at,
+                   embedding_fingerprint=fingerprint)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -118,7 +118,8 @@ def test_index_status_reports_size_identity_and_persistence(client) -> None:
     assert status["durable"] is True
     assert status["last_persisted"] is not None
     assert status["wal_bytes"] > 0
-    identity = {"name": model["name"], "version": model["version"], "dimension": model["embedding_dim"]}
+    identity = {"name": model["name"], "version": model["version"], "dimension": model["embedding_dim"],
+                "embedding_fingerprint": model["embedding_fingerprint"]}
     assert status["index_bundle"] == status["loaded_bundle"] == identity
     assert status["message"] is None
 
@@ -317,11 +318,28 @@ def test_an_index_of_another_bundle_makes_search_and_writes_503_with_the_recover
         status = c.get("/v1/index").json()
         assert status["available"] is False
         assert "mmfusion index rebuild" in status["message"]
-        assert status["index_bundle"] == {"name": "other-model", "version": "9.9", "dimension": dim}
+        assert status["index_bundle"] == {"name": "other-model", "version": "9.9", "dimension": dim,
+                                          "embedding_fingerprint": None}
         assert status["loaded_bundle"]["name"] == "tiny-test"
         # The rest of the service keeps working.
         assert c.post("/v1/embed", json={"text": "a red circle"}).status_code == 200
         assert c.get("/readyz").status_code == 200
+
+
+def test_an_index_of_other_weights_under_the_same_name_and_version_is_refused(settings, tiny_bundle) -> None:
+    # A retraining exported under the default name and version: only the embedding fingerprint differs.
+    manifest = load_bundle_manifest(tiny_bundle)
+    with VectorIndex.open(settings.index_path, bundle_name=manifest.name, bundle_version=manifest.version,
+                          dim=manifest.embedding_dim, embedding_fingerprint="0123456789abcdef") as index:
+        index.add("a", np.ones(manifest.embedding_dim))
+    with app_client(settings) as c:
+        err = c.post("/v1/search", json={"text": "a red circle"}).json()["error"]
+        assert err["code"] == "index_unavailable"
+        assert "fingerprint 0123456789abcdef" in err["message"] and "mmfusion index rebuild" in err["message"]
+        status = c.get("/v1/index").json()
+        assert status["index_bundle"]["embedding_fingerprint"] == "0123456789abcdef"
+        assert status["loaded_bundle"]["embedding_fingerprint"] == manifest.embedding_fingerprint()
+        assert c.get("/v1/model").json()["embedding_fingerprint"] == manifest.embedding_fingerprint()
 
 
 def test_a_corrupt_index_is_reported_not_silently_replaced(settings) -> None:

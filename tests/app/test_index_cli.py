@@ -140,7 +140,9 @@ def test_stats_prints_json_with_identity_compatibility_and_sources(settings, man
     assert stats["count"] == 6
     assert stats["dim"] == load_bundle_manifest(settings.bundle).embedding_dim
     assert stats["backend"] == "faiss-flat-ip"
-    assert stats["index_bundle"] == {"name": "tiny-test", "version": "0.0.1", "dim": stats["dim"]}
+    fingerprint = load_bundle_manifest(settings.bundle).embedding_fingerprint()
+    assert stats["index_bundle"] == {"name": "tiny-test", "version": "0.0.1", "dim": stats["dim"],
+                                     "embedding_fingerprint": fingerprint}
     assert stats["compatible"] is True
     assert stats["sources"] == {"image": 2, "image+text": 1, "text": 3}
     assert stats["rebuildable"] == 6

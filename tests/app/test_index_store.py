@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import os
 import shutil
@@ -541,6 +542,36 @@ def test_bundle_mismatch_is_refused(tmp_path: Path, other: dict[str, Any]) -> No
     assert repr(args["bundle_name"]) in message and repr(args["bundle_version"]) in message  # what is loaded
     assert err.value.code == "index_bundle_mismatch"
     assert open_index(path, 8).count == 1  # the refused open left the index alone and unlocked
+
+
+def test_same_name_version_and_dim_with_other_weights_is_refused_by_the_fingerprint(tmp_path: Path) -> None:
+    # `mmfusion train` defaults name and version, so two trainings can share all three; only the
+    # weights' fingerprint tells their embedding spaces apart.
+    path = tmp_path / "idx"
+    with VectorIndex.open(path, **BUNDLE, dim=8, embedding_fingerprint="aaaa") as index:
+        index.add("a", np.ones(8))
+    with pytest.raises(IndexBundleMismatchError) as err:
+        VectorIndex.open(path, **BUNDLE, dim=8, embedding_fingerprint="bbbb")
+    assert "fingerprint aaaa" in str(err.value) and "fingerprint bbbb" in str(err.value)
+    assert "mmfusion index rebuild" in str(err.value)
+    with VectorIndex.open(path, **BUNDLE, dim=8, embedding_fingerprint="aaaa") as index:
+        assert index.count == 1
+    with VectorIndex.open(path, **BUNDLE, dim=8) as index:  # tools opening by the index's own identity
+        assert index.stats().embedding_fingerprint == "aaaa"
+
+
+def test_an_index_from_before_fingerprints_opens_and_records_the_loaded_one(tmp_path: Path, caplog) -> None:
+    path = tmp_path / "idx"
+    with VectorIndex.open(path, **BUNDLE, dim=8) as index:
+        index.add("a", np.ones(8))
+    assert "embedding_fingerprint" not in (path / MANIFEST_FILE).read_text()
+    with caplog.at_level("WARNING", logger="app.index.store"), \
+            VectorIndex.open(path, **BUNDLE, dim=8, embedding_fingerprint="aaaa") as index:
+        assert index.count == 1
+    assert "predates embedding fingerprints" in caplog.text
+    assert json.loads((path / MANIFEST_FILE).read_text())["embedding_fingerprint"] == "aaaa"
+    with pytest.raises(IndexBundleMismatchError):
+        VectorIndex.open(path, **BUNDLE, dim=8, embedding_fingerprint="bbbb")
 
 
 def test_second_open_of_same_directory_is_refused(tmp_path: Path) -> None:

@@ -47,6 +47,7 @@ async def model_info(state: State) -> ModelInfoResponse:
         tasks=list(m.tasks),
         labels=list(m.labels),
         embedding_dim=m.embedding_dim,
+        embedding_fingerprint=m.embedding_fingerprint(),
         precision=p.precision,
         available_precisions=m.precisions(),
         providers=p.active_providers,

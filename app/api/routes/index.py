@@ -281,7 +281,8 @@ def _disk_identity(state: ServiceState) -> BundleIdentity | None:
         m = IndexManifest.load(state.settings.index_path / MANIFEST_FILE)
     except (IndexStoreError, OSError):
         return None
-    return BundleIdentity(name=m.bundle_name, version=m.bundle_version, dimension=m.dim)
+    return BundleIdentity(name=m.bundle_name, version=m.bundle_version, dimension=m.dim,
+                          embedding_fingerprint=m.embedding_fingerprint)
 
 
 @router.get("", response_model=IndexStatusResponse, responses=error_responses(503),
@@ -291,7 +292,8 @@ def _disk_identity(state: ServiceState) -> BundleIdentity | None:
 async def index_status(state: State) -> IndexStatusResponse:
     pipeline = state.require_pipeline()
     m = pipeline.manifest
-    loaded = BundleIdentity(name=m.name, version=m.version, dimension=m.embedding_dim)
+    loaded = BundleIdentity(name=m.name, version=m.version, dimension=m.embedding_dim,
+                            embedding_fingerprint=m.embedding_fingerprint())
     index = state.index
     if index is None:
         return IndexStatusResponse(available=False, message=state.notes.get("index", "the index is not available"),
@@ -302,7 +304,8 @@ async def index_status(state: State) -> IndexStatusResponse:
         last_persisted=s.last_persisted.isoformat() if s.last_persisted else None,
         last_compacted=s.last_compacted.isoformat() if s.last_compacted else None,
         created_at=s.created_at.isoformat() if s.created_at else None, wal_bytes=s.wal_bytes,
-        index_bundle=BundleIdentity(name=s.bundle_name, version=s.bundle_version, dimension=s.dim)
+        index_bundle=BundleIdentity(name=s.bundle_name, version=s.bundle_version, dimension=s.dim,
+                                    embedding_fingerprint=s.embedding_fingerprint)
         if s.bundle_name and s.bundle_version else None,
         loaded_bundle=loaded,
     )
