@@ -7,7 +7,7 @@
 #
 # Hardened run: a non-root user (uid 10001, no shell, no home), a read-only root file system with
 # the index volume as the only writable path, no capabilities, no privilege escalation. The server
-# writes nothing else (no bytecode: PYTHONDONTWRITEBYTECODE=1; logs go to stdout); the small /tmp
+# writes nothing else (no bytecode: PYTHONDONTWRITEBYTECODE=1; logs go to stderr); the small /tmp
 # tmpfs is for libraries that insist on a scratch directory.
 #   docker run --read-only --tmpfs /tmp:rw,noexec,nosuid,size=16m \
 #     -v mmfusion-index:/data -v "$PWD/models/default:/models/default:ro" \
@@ -64,5 +64,5 @@ WORKDIR /tmp
 EXPOSE 8000
 VOLUME ["/data"]
 HEALTHCHECK --interval=15s --timeout=3s --start-period=30s --retries=3 \
-  CMD python -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/readyz', timeout=2).status == 200 else 1)"
+  CMD python -c "import os,urllib.request,sys; port=os.environ.get('MMFUSION_PORT','8000'); sys.exit(0 if urllib.request.urlopen(f'http://127.0.0.1:{port}/readyz', timeout=2).status == 200 else 1)"
 CMD ["mmfusion", "serve"]

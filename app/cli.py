@@ -25,9 +25,16 @@ def _serve(argv: list[str]) -> int:
         value = getattr(args, key)
         if value is not None:
             os.environ[f"MMFUSION_{key.upper()}"] = str(value)
+    from app.bundle.verify import load_bundle_manifest
     from app.core.config import get_settings
+    from app.core.errors import MMFusionError
 
     settings = get_settings()
+    try:  # a bundle that cannot load is the user's to fix: one line, not uvicorn's start-up traceback
+        load_bundle_manifest(settings.bundle, check_hashes=False)
+    except MMFusionError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
     uvicorn.run("app.main:app", host=settings.host, port=settings.port, log_level=settings.log_level,
                 timeout_graceful_shutdown=30)
     return 0
@@ -45,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
             "  train           train a fusion model\n"
             "  export          export a run to an ONNX model bundle\n"
             "  verify          re-check a bundle (sha256, ONNX checker, parity of variants)\n"
+            "  evaluate        held-out metrics of a run (PyTorch) or a bundle (ONNX Runtime)\n"
+            "  ablate          train every fusion strategy and the single-modality baselines, one table\n"
             "  build-default   build the default demo bundle used by `make serve`\n\n"
             "Run `mmfusion COMMAND --help` for the options of a command."
         )

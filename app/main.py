@@ -102,6 +102,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         batched = BatchedPipeline(pipeline, batching_config(settings), image_instances=settings.image_encoder_instances)
         pipeline.batched = batched
         state.pipeline = pipeline
+        if "retrieval" not in pipeline.manifest.tasks:
+            log.warning("bundle %s was trained without caption pairs (tasks %s): /v1/embed and /v1/search return "
+                        "its untrained projections; retrain with --captions for retrieval",
+                        pipeline.manifest.name, pipeline.manifest.tasks)
         open_index(state, pipeline)
         assert state.keys is not None
         if not state.keys.enabled or state.keys.reads_open:

@@ -87,8 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--run", type=Path, default=Path(os.environ["MMFUSION_BENCH_RUN"])
                    if os.environ.get("MMFUSION_BENCH_RUN") else None,
                    help="training run of the bundle (folder with best.pt) for the eager baseline; default "
-                   "$MMFUSION_BENCH_RUN; without it the eager model is rebuilt from the bundle manifest with "
-                   "pretrained encoders and a random fusion head (same speed, different outputs)")
+                   "$MMFUSION_BENCH_RUN, else the run build-default kept next to the bundle "
+                   "(models/.default-work/run); without one the eager model is rebuilt from the bundle manifest "
+                   "with pretrained encoders and a random fusion head (same speed, different outputs)")
     p.add_argument("--threads", type=int, default=container_cpus(),
                    help="ONNX Runtime intra-op threads = torch threads = matmul-peak threads (default: usable CPUs)")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {PARTS}")
@@ -111,7 +112,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peak-n", type=int, default=2048, help="matrix size of the matmul-peak measurement")
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     p.add_argument("--tag", default=None, help="output name bench-<tag>.* (default: the mode)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.run is None:
+        args.run = default_run(args.bundle)
+    return args
+
+
+def default_run(bundle: Path) -> Path | None:
+    """The training run ``mmfusion build-default`` keeps beside the bundle (``.<name>-work/run``), if it is
+    there: then ``make bench`` times eager PyTorch with the bundle's very weights, not a random head."""
+    run = bundle.parent / f".{bundle.name}-work" / "run"
+    return run if (run / "best.pt").is_file() else None
 
 
 def _ints(text: str | None, default: tuple[int, ...]) -> tuple[int, ...]:

@@ -8,6 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from model.errors import ConfigError
+from model.metrics import SELECTABLE_METRICS
+
 
 @dataclass
 class TrainConfig:
@@ -51,6 +54,34 @@ class TrainConfig:
     """Torch intra-op threads (0 = all available CPUs)."""
     encoder_kwargs: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        """Refuse values that cannot work before any data is generated or any epoch runs: a misspelled
+        metric used to select checkpoints silently by training loss, and ``epochs=0`` "trained" nothing."""
+        for name in ("epochs", "batch_size", "patience", "hidden_dim", "embed_dim", "demo_images"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.max_length < 2:
+            raise ConfigError(f"max_length must be >= 2 tokens, got {self.max_length}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        allowed = [f"val_{m}" for m in SELECTABLE_METRICS]
+        if self.early_stopping_metric not in allowed:
+            raise ConfigError(f"early_stopping_metric {self.early_stopping_metric!r} is not a validation metric "
+                              f"where higher is better; choose one of {allowed}")
+
+    def with_absolute_paths(self) -> TrainConfig:
+        """The data paths made absolute: the run's config.json is read again by evaluate, export and
+        verify, often from another folder, where a relative path would name nothing."""
+
+        def absolute(p: str) -> str:
+            return str(Path(p).expanduser().resolve())
+
+        return dataclasses.replace(
+            self, data=self.data if self.data == "demo" else absolute(self.data),
+            captions=None if self.captions is None else absolute(self.captions), demo_dir=absolute(self.demo_dir),
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -59,7 +90,7 @@ class TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown config keys {unknown}; valid keys: {sorted(known)}")
+            raise ConfigError(f"unknown config keys {unknown}; valid keys: {sorted(known)}")
         return cls(**data)
 
     @classmethod

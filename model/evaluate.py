@@ -18,12 +18,13 @@ from typing import Any
 
 import numpy as np
 
+from model.errors import UserError
 from model.metrics import classification_metrics, retrieval_metrics
 
 SPLITS = ("train", "val", "test")
 
 
-class EvaluationError(ValueError):
+class EvaluationError(UserError, ValueError):
     """The target cannot be evaluated as asked (not a run or bundle, no data, empty split)."""
 
 

@@ -41,6 +41,7 @@ from app.inference.runtime import MIN_TOP1_AGREEMENT, auto_serves
 from app.preprocessing.image import preprocess_pil
 from app.preprocessing.text import TextTokenizer
 from model.data.rows import Row
+from model.errors import ParityError
 from model.fusion_model import FusionHeadGraph, FusionModel, ImageEncoderGraph, TextEncoderGraph
 from model.quantize import Int8Options, Int8Report, QuantData, Samples, load_samples, quantize_graphs, spread_rows
 from model.train import load_run
@@ -60,10 +61,6 @@ _ONNX_DTYPES = {
     onnx.TensorProto.INT64: "int64",
     onnx.TensorProto.INT32: "int32",
 }
-
-
-class ParityError(RuntimeError):
-    """ONNX Runtime disagrees with PyTorch beyond tolerance: the bundle must not ship."""
 
 
 @dataclass
@@ -346,82 +343,88 @@ def export_bundle(
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    graphs = export_graphs(model, tmp, image_pre.size)
-    shutil.copyfile(run_dir / "tokenizer.json", tmp / "tokenizer.json")
-    (tmp / "labels.txt").write_text("\n".join(labels) + "\n", encoding="utf-8")
-    tokenizer = TextTokenizer(tmp / "tokenizer.json", int(ckpt["max_length"]))
-    real: list[tuple[Path, str]] = []
-    data = None
-    if real_samples or int8 or fp16:
-        from model.data.prepared import prepare_data
+    try:
+        graphs = export_graphs(model, tmp, image_pre.size)
+        shutil.copyfile(run_dir / "tokenizer.json", tmp / "tokenizer.json")
+        (tmp / "labels.txt").write_text("\n".join(labels) + "\n", encoding="utf-8")
+        tokenizer = TextTokenizer(tmp / "tokenizer.json", int(ckpt["max_length"]))
+        real: list[tuple[Path, str]] = []
+        data = None
+        if real_samples or int8 or fp16:
+            from model.data.prepared import prepare_data
 
-        data = prepare_data(cfg, progress=False)
-    if real_samples and data is not None:
-        rows = data.split("test") or data.split("val") or data.rows
-        real = [(r.image, r.text) for r in rows[:real_samples]]
-    vocab = tokenizer._tok.get_vocab_size()
-    inputs, source = parity_inputs(image_pre, tokenizer, vocab, real, seed=cfg.seed)
-    parity = measure_parity(model, tmp, graphs, inputs, source)
-    if (
-        parity.max_abs_prob_diff > PROB_TOLERANCE
-        or parity.min_image_embedding_cosine < COSINE_TOLERANCE
-        or parity.min_text_embedding_cosine < COSINE_TOLERANCE
-    ):
-        raise ParityError(f"ONNX Runtime does not reproduce PyTorch: {parity.model_dump()}")
-    quality: dict[str, VariantQuality] = {}
-    if int8 and data is not None:
-        options = int8_options or Int8Options()
-        qdata = quant_data({s: data.split(s) for s in ("train", "val", "test")}, image_pre, labels, options, cfg.seed)
-        if progress:
-            print("int8: measuring candidates per graph (speed at batch 1/8, fidelity on the val split)")
-        graphs, quality["int8"], report = add_int8_variants(tmp, graphs, tokenizer, qdata, options, progress)
-        (tmp / QUANTIZATION_REPORT).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
-        if progress:
-            print(report.table())
-        note = auto_precision_note("int8", quality["int8"])
-        if note and progress:
-            print(f"int8: warning: {note}")
-        elif note:
-            log.warning(note)
-    if fp16 and data is not None:
-        limit = (int8_options or Int8Options()).evaluation_samples
-        evaluate = (data.split("test") or data.split("val") or data.rows)[:limit]
-        if progress:
-            print(f"fp16: converting the graphs and measuring them against fp32 on {len(evaluate)} samples")
-        graphs, quality["fp16"], fp16_report = add_fp16_variants(tmp, graphs, tokenizer,
-                                                                 load_samples(evaluate, image_pre, labels))
-        if progress:
-            print(f"fp16: top-1 agreement with fp32 {fp16_report.top1_agreement:.4f}, min embedding cosine "
-                  f"{fp16_report.min_embedding_cosine:.5f} on {fp16_report.samples} samples")
-    all_metrics = {k: float(v) for k, v in (ckpt.get("metrics") or {}).items() if isinstance(v, int | float)}
-    all_metrics.update(metrics or {})
-    manifest = BundleManifest(
-        name=cfg.name,
-        version=cfg.version,
-        created_at=datetime.now(UTC),
-        tasks=["classification", "retrieval"],
-        labels=labels,
-        embedding_dim=cfg.embed_dim,
-        image=image_pre,
-        text=TextPreprocessing(
-            tokenizer_file="tokenizer.json",
-            tokenizer_sha256=sha256_file(tmp / "tokenizer.json"),
-            max_length=int(ckpt["max_length"]),
-        ),
-        graphs=graphs,  # type: ignore[arg-type]
-        parity=parity,
-        quality=quality,  # type: ignore[arg-type]
-        metrics=all_metrics,
-        model=ModelInfo(
-            image_encoder=cfg.image_encoder,
-            text_encoder=cfg.text_encoder,
-            fusion=cfg.fusion,
-            parameters=sum(p.numel() for p in model.parameters()),
-        ),
-    )
-    (tmp / MANIFEST_FILE).write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n", encoding="utf-8")
-    load_bundle_manifest(tmp)  # the exported bundle must pass the same check the server runs
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
-    return manifest
+            data = prepare_data(cfg, progress=False)
+        if real_samples and data is not None:
+            rows = data.split("test") or data.split("val") or data.rows
+            real = [(r.image, r.text) for r in rows[:real_samples]]
+        vocab = tokenizer._tok.get_vocab_size()
+        inputs, source = parity_inputs(image_pre, tokenizer, vocab, real, seed=cfg.seed)
+        parity = measure_parity(model, tmp, graphs, inputs, source)
+        if (
+            parity.max_abs_prob_diff > PROB_TOLERANCE
+            or parity.min_image_embedding_cosine < COSINE_TOLERANCE
+            or parity.min_text_embedding_cosine < COSINE_TOLERANCE
+        ):
+            raise ParityError(f"ONNX Runtime does not reproduce PyTorch: {parity.model_dump()}")
+        quality: dict[str, VariantQuality] = {}
+        if int8 and data is not None:
+            options = int8_options or Int8Options()
+            splits = {s: data.split(s) for s in ("train", "val", "test")}
+            qdata = quant_data(splits, image_pre, labels, options, cfg.seed)
+            if progress:
+                print("int8: measuring candidates per graph (speed at batch 1/8, fidelity on the val split)")
+            graphs, quality["int8"], report = add_int8_variants(tmp, graphs, tokenizer, qdata, options, progress)
+            (tmp / QUANTIZATION_REPORT).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+            if progress:
+                print(report.table())
+            note = auto_precision_note("int8", quality["int8"])
+            if note and progress:
+                print(f"int8: warning: {note}")
+            elif note:
+                log.warning(note)
+        if fp16 and data is not None:
+            limit = (int8_options or Int8Options()).evaluation_samples
+            evaluate = (data.split("test") or data.split("val") or data.rows)[:limit]
+            if progress:
+                print(f"fp16: converting the graphs and measuring them against fp32 on {len(evaluate)} samples")
+            graphs, quality["fp16"], fp16_report = add_fp16_variants(tmp, graphs, tokenizer,
+                                                                     load_samples(evaluate, image_pre, labels))
+            if progress:
+                print(f"fp16: top-1 agreement with fp32 {fp16_report.top1_agreement:.4f}, min embedding cosine "
+                      f"{fp16_report.min_embedding_cosine:.5f} on {fp16_report.samples} samples")
+        all_metrics = {k: float(v) for k, v in (ckpt.get("metrics") or {}).items() if isinstance(v, int | float)}
+        all_metrics.update(metrics or {})
+        manifest = BundleManifest(
+            name=cfg.name,
+            version=cfg.version,
+            created_at=datetime.now(UTC),
+            tasks=list(ckpt.get("tasks") or ["classification", "retrieval"]),  # older checkpoints: both
+            labels=labels,
+            embedding_dim=cfg.embed_dim,
+            image=image_pre,
+            text=TextPreprocessing(
+                tokenizer_file="tokenizer.json",
+                tokenizer_sha256=sha256_file(tmp / "tokenizer.json"),
+                max_length=int(ckpt["max_length"]),
+            ),
+            graphs=graphs,  # type: ignore[arg-type]
+            parity=parity,
+            quality=quality,  # type: ignore[arg-type]
+            metrics=all_metrics,
+            model=ModelInfo(
+                image_encoder=cfg.image_encoder,
+                text_encoder=cfg.text_encoder,
+                fusion=cfg.fusion,
+                parameters=sum(p.numel() for p in model.parameters()),
+            ),
+        )
+        manifest_text = json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n"
+        (tmp / MANIFEST_FILE).write_text(manifest_text, encoding="utf-8")
+        load_bundle_manifest(tmp)  # the exported bundle must pass the same check the server runs
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+        return manifest
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a refused or failed export leaves nothing half-written behind
+        raise

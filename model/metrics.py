@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
+SELECTABLE_METRICS: tuple[str, ...] = (
+    "accuracy", "macro_f1", "auroc",
+    *(f"{direction}_R@{k}" for direction in ("text_to_image", "image_to_text") for k in (1, 5, 10)),
+)
+"""The metrics where higher is better, so training may select checkpoints on them (``val_`` + name)."""
+
 
 def classification_metrics(y_true: np.ndarray, probs: np.ndarray, prefix: str = "") -> dict[str, float]:
     """Accuracy, macro-F1 over classes present in ``y_true``, and AUROC for binary tasks."""

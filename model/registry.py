@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
+from model.errors import UnknownNameError
+
 T = TypeVar("T", bound=Callable[..., object])
 
 
@@ -30,7 +32,7 @@ class Registry(Generic[T]):
         try:
             return self._items[name]
         except KeyError:
-            raise KeyError(f"unknown {self.kind} {name!r}; choose one of {self.names()}") from None
+            raise UnknownNameError(f"unknown {self.kind} {name!r}; choose one of {self.names()}") from None
 
     def names(self) -> list[str]:
         return sorted(self._items)

@@ -7,10 +7,12 @@ objective are trained jointly, so one bundle serves both /v1/classify and /v1/se
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import shutil
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from model.build import BuiltModel, build_model
 from model.config import TrainConfig
 from model.data.prepared import PreparedData, prepare_data
 from model.data.rows import Row
+from model.errors import CheckpointMismatchError, ConfigError
 from model.feature_cache import (
     EncodeImages,
     EncodeTexts,
@@ -41,6 +44,8 @@ from model.feature_cache import (
 from model.fusion_model import FusionModel
 from model.heads import info_nce
 from model.metrics import classification_metrics, retrieval_metrics
+
+log = logging.getLogger(__name__)
 
 FROZEN_PREFIXES = {"image_encoder": "image_encoder.", "text_encoder": "text_encoder."}
 
@@ -201,7 +206,7 @@ def lr_factor(schedule: str, step: int, total_steps: int) -> float:
     if schedule == "constant":
         return 1.0
     if schedule != "cosine":
-        raise ValueError(f"unknown lr_schedule {schedule!r}; choose one of {LR_SCHEDULES}")
+        raise ConfigError(f"unknown lr_schedule {schedule!r}; choose one of {LR_SCHEDULES}")
     warmup = max(1, round(WARMUP_FRACTION * total_steps))
     if step < warmup:
         return (step + 1) / warmup
@@ -224,7 +229,7 @@ def load_trainable_state(built: BuiltModel, cfg: TrainConfig, ckpt: dict) -> Non
         current = frozen_identities(built, cfg)
         for role, identity in recorded.items():
             if current.get(role) != identity:
-                raise RuntimeError(
+                raise CheckpointMismatchError(
                     f"the checkpoint was trained with a frozen {role} whose weights differ from the ones installed now "
                     f"({identity[:12]} vs {str(current.get(role))[:12]}); reinstall the original weights or retrain"
                 )
@@ -232,12 +237,37 @@ def load_trainable_state(built: BuiltModel, cfg: TrainConfig, ckpt: dict) -> Non
     allowed = tuple(FROZEN_PREFIXES[role] for role in recorded)
     missing = [k for k in result.missing_keys if not (allowed and k.startswith(allowed))]
     if missing or result.unexpected_keys:
-        raise RuntimeError(f"checkpoint does not fit the model: missing {missing[:10]}, "
-                           f"unexpected {result.unexpected_keys[:10]}")
+        raise CheckpointMismatchError(f"checkpoint does not fit the model: missing {missing[:10]}, "
+                                      f"unexpected {result.unexpected_keys[:10]}")
+
+
+def trained_tasks(cfg: TrainConfig, data: PreparedData) -> list[str]:
+    """What the run really trains: retrieval only when the contrastive head sees caption pairs.
+
+    Without them the image/text projections stay at their random initialisation, and a bundle that
+    advertised retrieval would serve embeddings in which unrelated images score 0.99 against each other."""
+    if cfg.contrastive_weight > 0 and data.caption_split("train"):
+        return ["classification", "retrieval"]
+    return ["classification"]
+
+
+def warn_about_rare_labels(rows: list[Row]) -> list[str]:
+    """Labels with at most 2 training rows where the typical label has 10 or more: most often a typo in
+    the manifest (``bleu`` for ``blue``), which would silently become a class of its own."""
+    counts = Counter(r.label for r in rows if r.label is not None)
+    if not counts:
+        return []
+    typical = float(np.median(list(counts.values())))
+    rare = sorted(label for label, n in counts.items() if n <= 2 and typical >= 10)
+    for label in rare:
+        log.warning("label %r has %d training row(s) where the median label has %d: a typo in the manifest?",
+                    label, counts[label], typical)
+    return rare
 
 
 def _save_checkpoint(path: Path, state: TrainState, cfg: TrainConfig, optimizer: torch.optim.Optimizer,
-                     epoch: int, metrics: dict[str, float], best: float, identities: dict[str, str]) -> None:
+                     epoch: int, metrics: dict[str, float], best: float, identities: dict[str, str],
+                     tasks: list[str]) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(
         {
@@ -247,6 +277,7 @@ def _save_checkpoint(path: Path, state: TrainState, cfg: TrainConfig, optimizer:
             "max_length": state.built.max_length,
             "state_dict": trainable_state_dict(state.model, identities),
             "frozen_encoders": identities,
+            "tasks": tasks,
             "optimizer": optimizer.state_dict(),
             "epoch": epoch,
             "metrics": metrics,
@@ -267,10 +298,16 @@ def train(cfg: TrainConfig, *, progress: bool = True, resume: bool = False) -> P
     """
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
+    cfg = cfg.with_absolute_paths()  # config.json must work from any folder (evaluate/export/verify read it)
     seed_everything(cfg.seed)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     data = prepare_data(cfg, progress=progress)
+    tasks = trained_tasks(cfg, data)
+    if "retrieval" not in tasks:
+        log.warning("no caption pairs (--captions): the retrieval head is not trained, so the bundle will serve "
+                    "classification only; /v1/embed and /v1/search would return untrained projections")
+    warn_about_rare_labels(data.split("train"))
     tokenizer_file = run_dir / "tokenizer.json"
     train_texts = [r.text for r in data.split("train")] + [r.text for r in data.caption_split("train")]
     built = build_model(cfg, len(data.labels), tokenizer_file, texts=train_texts)
@@ -348,12 +385,20 @@ def train(cfg: TrainConfig, *, progress: bool = True, resume: bool = False) -> P
         with results_path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(metrics) + "\n")
         score = float(metrics.get(cfg.early_stopping_metric, -metrics["train_loss"]))
+        if cfg.early_stopping_metric not in metrics:
+            measured = sorted(k for k in metrics if k.startswith("val_") and "median" not in k)
+            if measured:  # validation ran but not this metric (a retrieval metric without caption pairs)
+                raise ConfigError(f"early_stopping_metric {cfg.early_stopping_metric!r} is not measured on this "
+                                  f"data; it has {measured}")
+            if epoch == start_epoch:
+                log.warning("no validation rows: best.pt is chosen by training loss, not %s",
+                            cfg.early_stopping_metric)
         improved = score > best
         if improved:
             best, stale = score, 0
         else:
             stale += 1
-        _save_checkpoint(run_dir / "last.pt", state, cfg, optimizer, epoch, metrics, best, identities)
+        _save_checkpoint(run_dir / "last.pt", state, cfg, optimizer, epoch, metrics, best, identities, tasks)
         if improved:
             shutil.copyfile(run_dir / "last.pt", run_dir / "best.pt")
         if progress:

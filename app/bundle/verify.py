@@ -37,9 +37,9 @@ def load_bundle_manifest(bundle_dir: Path | str, *, check_hashes: bool = True) -
     root = Path(bundle_dir)
     manifest_path = root / MANIFEST_FILE
     if not root.is_dir():
-        raise BundleError(
-            f"bundle directory {root} does not exist (set MMFUSION_BUNDLE or run `mmfusion build-default`)"
-        )
+        hint = ("build it with `mmfusion build-default`" if root.name == "default"
+                else "export one with `mmfusion export RUN --out DIR`, or point MMFUSION_BUNDLE at an existing one")
+        raise BundleError(f"bundle directory {root} does not exist ({hint})")
     if not manifest_path.is_file():
         raise BundleError(f"bundle {root} has no {MANIFEST_FILE}")
     try:

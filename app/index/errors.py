@@ -15,7 +15,8 @@ from pathlib import Path
 
 from app.core.errors import MMFusionError
 
-REBUILD_HINT = "run `mmfusion index rebuild`, or delete the index directory"
+REBUILD_HINT = ("move the index directory aside (it is left as it is, for inspection) and re-add the items, e.g. "
+                "with `mmfusion index import`; `mmfusion index rebuild` cannot read a corrupt index")
 INDEX_DIR_NAME = "the index directory (MMFUSION_INDEX_PATH)"
 
 

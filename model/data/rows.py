@@ -34,6 +34,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from model.errors import UserError
+
 SPLITS = ("train", "val", "test")
 AUTO_SPLIT_FRACTIONS: tuple[float, float, float] = (0.8, 0.1, 0.1)
 MAX_LISTED = 20
@@ -42,7 +44,7 @@ MAX_LISTED = 20
 log = logging.getLogger(__name__)
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A dataset that cannot be used as given; the message lists the offending rows.
 
     ``issues`` maps each kind of problem to *all* its entries (the message shows the first
@@ -282,7 +284,10 @@ def load_rows(
     if issues:
         n_malformed = len(issues.by_kind.get("malformed lines", []))
         n_bad = len(bad_lines) + n_malformed
-        raise issues.error(f"{path}: {n_bad} of {len(records) + n_malformed} rows are unusable:")
+        hint = ""
+        if "missing image file" in issues.by_kind:  # the usual cause: paths written relative to the shell's folder
+            hint = f" (relative image paths are read from the manifest's folder, {base.resolve()})"
+        raise issues.error(f"{path}: {n_bad} of {len(records) + n_malformed} rows are unusable{hint}:")
     if not parsed:
         raise DatasetError(f"{path}: no rows (expected columns {', '.join(required)}[, split])")
     if not any_split:

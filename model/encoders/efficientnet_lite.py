@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from model.encoders.base import IMAGE_ENCODERS, EncoderSpec, ImageEncoder
+from model.errors import UserError
 
 MODEL_NAME = "efficientnet-lite0"
 IMAGE_SIZE = 224
@@ -26,7 +27,7 @@ FEATURE_DIM = 1280
 GRID = 7  # 224 / 32
 
 
-class PretrainedWeightsError(RuntimeError):
+class PretrainedWeightsError(UserError, RuntimeError):
     """The weights file does not fit the architecture: refuse rather than train on a half-loaded net."""
 
 

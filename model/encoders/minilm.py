@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.encoders.base import TEXT_ENCODERS, EncoderSpec, TextEncoder, masked_mean
+from model.errors import UserError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces: nothing here downloads, nothing else should
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -34,7 +35,7 @@ IGNORED_KEYS = frozenset({"embeddings.position_ids", "pooler.dense.weight", "poo
 [CLS] pooler, which sentence-transformers' mean pooling does not use either."""
 
 
-class PretrainedWeightsError(RuntimeError):
+class PretrainedWeightsError(UserError, RuntimeError):
     """The weights file does not fit the architecture: refuse rather than train on a half-loaded net."""
 
 

@@ -145,7 +145,7 @@ def test_a_damaged_index_file_leaves_the_index_unavailable_with_a_recovery_messa
             assert r.status_code == 503, (damage, r.status_code, r.text)
             err = r.json()["error"]
             assert err["code"] == "index_unavailable"
-            assert "corrupt" in err["message"] and "mmfusion index rebuild" in err["message"]
+            assert "corrupt" in err["message"] and "move the index directory aside" in err["message"]
             for marker in (*LEAKS, str(settings.index_path)):
                 assert marker not in r.text, (marker, r.text)
         status = c.get("/v1/index").json()

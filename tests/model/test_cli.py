@@ -126,3 +126,106 @@ def test_ablate_trains_every_requested_strategy_and_baselines_into_one_table(tin
         assert row["train_seconds"] > 0
     markdown = (out_dir / "ablation.md").read_text()
     assert markdown.count("\n| ") >= 4 and "ONNX ms/item" in markdown
+
+
+# --------------------------------------------------------------------------------------------------
+# What a user gets wrong: one line and exit 2, never a traceback; runs that work from any folder
+# --------------------------------------------------------------------------------------------------
+
+
+def _tiny_train_argv(tiny_config, run_dir: Path, *extra: str) -> list[str]:
+    argv = ["train", "--quiet", "--no-plots", "--run-dir", str(run_dir), "--epochs", "1",
+            "--encoder-kwargs", json.dumps(tiny_config.encoder_kwargs)]
+    for name in ("data", "demo_dir", "demo_images", "demo_image_size", "image_size", "batch_size", "hidden_dim",
+                 "embed_dim", "num_threads", "name", "version"):
+        argv += [f"--{name.replace('_', '-')}", str(getattr(tiny_config, name))]
+    return [*argv, *extra]
+
+
+def _small_csv_dataset(root: Path, rows_per_label: int = 12) -> Path:
+    """Real little images and a manifest with labels red/blue and explicit splits."""
+    (root / "imgs").mkdir(parents=True)
+    lines = ["image,text,label,split"]
+    for i in range(2 * rows_per_label):
+        label = ("red", "blue")[i % 2]
+        Image.new("RGB", (48, 48), (220, 30, 30) if label == "red" else (30, 30, 220)).save(root / "imgs" / f"{i}.png")
+        split = "val" if i % 6 == 4 else "test" if i % 6 == 5 else "train"
+        lines.append(f"imgs/{i}.png,what color is it?,{label},{split}")
+    (root / "data.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root / "data.csv"
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["train", "--data", "no/such/data.csv"], "does not exist"),
+    (["train", "--epochs", "0"], "epochs must be an integer >= 1"),
+    (["train", "--early-stopping-metric", "val_acc"], "is not a validation metric"),
+    (["train", "--config", "no/such/config.json"], "No such file"),
+    (["export", "no/such/run", "--out", "somewhere"], "not found: is no/such/run a finished training run?"),
+])
+def test_user_errors_are_one_line_and_exit_2_not_a_traceback(tmp_path: Path, monkeypatch, capsys,
+                                                             argv: list[str], message: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main([*argv, "--run-dir", "run"] if argv[0] == "train" else argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists() or argv[1] == "--data"  # refused before anything was written
+
+
+def test_an_unknown_fusion_is_a_usage_error_naming_the_choices(tiny_config, tmp_path: Path, capsys) -> None:
+    assert main(_tiny_train_argv(tiny_config, tmp_path / "run", "--fusion", "nope")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown fusion strategy 'nope'; choose one of") and "concat" in err
+
+
+def test_resume_continues_the_run_from_its_own_config(tiny_config, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    assert main(_tiny_train_argv(tiny_config, run_dir)) == 0
+    saved = json.loads((run_dir / "config.json").read_text())
+    # Only the run folder and a longer schedule: every other setting comes from the run's config.json.
+    assert main(["train", "--quiet", "--no-plots", "--run-dir", str(run_dir), "--resume", "--epochs", "2"]) == 0
+    assert len((run_dir / "results.jsonl").read_text().splitlines()) == 2
+    assert json.loads((run_dir / "config.json").read_text()) == {**saved, "epochs": 2}
+
+
+def test_resume_refuses_flags_that_change_what_is_trained_before_writing_anything(tiny_config, tmp_path: Path,
+                                                                                   capsys) -> None:
+    run_dir = tmp_path / "run"
+    assert main(_tiny_train_argv(tiny_config, run_dir)) == 0
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    argv = ["train", "--quiet", "--run-dir", str(run_dir), "--resume", "--fusion", "cross_attention"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--fusion ('concat' -> 'cross_attention')" in err and "new --run-dir" in err
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
+    assert main(["train", "--run-dir", str(tmp_path / "never"), "--resume"]) == 2
+    assert "is {} a training run".format(tmp_path / "never") in capsys.readouterr().err
+
+
+def test_a_run_trained_with_relative_paths_exports_from_another_folder(tmp_path: Path, monkeypatch) -> None:
+    work = tmp_path / "work"
+    _small_csv_dataset(work / "ds")
+    monkeypatch.chdir(work)
+    argv = ["train", "--quiet", "--no-plots", "--run-dir", "runs/csv", "--data", "ds/data.csv", "--epochs", "1",
+            "--image-size", "32", "--batch-size", "8", "--hidden-dim", "16", "--embed-dim", "8", "--num-threads", "1",
+            "--encoder-kwargs",
+            json.dumps({"image": {"width": 4, "out_dim": 8}, "text": {"embed_dim": 8, "hidden": 8}})]
+    assert main(argv) == 0
+    config = json.loads((work / "runs/csv/config.json").read_text())
+    assert config["data"] == str((work / "ds/data.csv").resolve())
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", "work/runs/csv", "--out", "bundle", "--quiet"]) == 0
+    manifest = json.loads((tmp_path / "bundle/manifest.json").read_text())
+    # No caption pairs: the contrastive head never trained, so the bundle does not claim retrieval.
+    assert manifest["tasks"] == ["classification"]
+
+
+def test_a_label_with_a_couple_of_rows_among_common_ones_is_flagged_as_a_likely_typo(caplog) -> None:
+    from model.data.rows import Row
+    from model.train import warn_about_rare_labels
+
+    rows = [Row(image=Path(f"{i}.png"), text="q", label=("red", "blue")[i % 2], split="train") for i in range(40)]
+    rows.append(Row(image=Path("x.png"), text="q", label="bleu", split="train"))
+    with caplog.at_level("WARNING", logger="model.train"):
+        assert warn_about_rare_labels(rows) == ["bleu"]
+    assert "'bleu' has 1 training row(s)" in caplog.text
+    assert warn_about_rare_labels(rows[:6]) == []  # a small dataset: nothing is "rare"

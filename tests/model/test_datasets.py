@@ -156,7 +156,8 @@ def test_every_bad_row_is_reported_at_once_with_counts_and_line_numbers(images: 
     with pytest.raises(DatasetError) as err:
         load_rows(path, labels=["cat", "dog"])
     msg = str(err.value)
-    assert msg.startswith(f"{path}: 7 of 8 rows are unusable:")
+    assert msg.startswith(f"{path}: 7 of 8 rows are unusable (relative image paths are read from the "
+                          f"manifest's folder, {path.parent.resolve()}):")
     assert "missing image file (2 rows):" in msg
     assert "line 3: images/nope.jpg" in msg and "line 9: images/gone.png" in msg
     assert "unreadable image (1 image, 2 rows):" in msg
