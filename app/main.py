@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import shutil
@@ -128,7 +129,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             pipeline.batched = None
             if state.index is not None:
                 state.index.close()
-            state.decode_pool.shutdown(wait=True, cancel_futures=True)
+            # Off the event loop: a decode still running would otherwise block it until it ends.
+            await asyncio.to_thread(state.decode_pool.shutdown, wait=True, cancel_futures=True)
 
     app = FastAPIOffline(
         title="mmfusion",

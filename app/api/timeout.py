@@ -38,10 +38,13 @@ class TimeoutMiddleware:
             await self.app(scope, receive, send)
             return
         tracked = TrackedSend(send)
+        deadline = asyncio.timeout(self.timeout_s)
         try:
-            async with asyncio.timeout(self.timeout_s):
+            async with deadline:
                 await self.app(scope, receive, tracked)
         except TimeoutError:
+            if not deadline.expired():  # the app's own TimeoutError, not this deadline: a server fault
+                raise
             if tracked.started:
                 log.error("request %s %s passed its %.3g s deadline while its response was being sent",
                           scope.get("method"), scope.get("path"), self.timeout_s)

@@ -178,8 +178,11 @@ class BatchedPipeline:
             return result
 
         async with self._call():
-            tasks = [asyncio.ensure_future(timed("image_encoder", self.encode_images(pixel_values))),
-                     asyncio.ensure_future(timed("text_encoder", self.encode_text_rows(texts)))]
+            # The batchers directly, not encode_images/encode_text_rows: those would check _closing again,
+            # and a shutdown starting in between would fail a classify this call had already admitted.
+            tasks = [asyncio.ensure_future(timed("image_encoder", self.image.submit(pixel_values,
+                                                                                   rows=len(pixel_values)))),
+                     asyncio.ensure_future(timed("text_encoder", self.text.submit(list(texts), rows=len(texts))))]
             try:
                 image, rows = await asyncio.gather(*tasks)
             except BaseException:  # one encoder failed (e.g. its queue is full): do not run the other

@@ -234,8 +234,10 @@ class GraphBatcher(Generic[P, R]):
             while True:
                 while not self._queue and not self._closing:
                     if self._idle_due and self._on_idle is not None:
+                        # Not while another instance still runs a batch on the same session: the
+                        # housekeeping (an arena shrink) would land in the middle of the load.
                         if (not self._cond.wait(cfg.idle_s) and not self._queue and not self._closing
-                                and self._idle_due):  # another instance may have just done it
+                                and self._idle_due and self._running_rows == 0):  # or another instance did it
                             self._idle_due = False
                             return []
                     else:
@@ -281,21 +283,46 @@ class GraphBatcher(Generic[P, R]):
             wait = metrics.QUEUE_WAIT.labels(self.name)
             for entry in batch:
                 wait.observe(started - entry.enqueued)
-            try:
-                results = self._run_batch([e.payload for e in batch])
-                if len(results) != len(batch):
-                    raise RuntimeError(f"{self.name}: {len(results)} results for {len(batch)} requests")
-                error: BaseException | None = None
-            except BaseException as exc:  # delivered to every request of the batch
-                log.exception("%s batch of %d requests failed", self.name, len(batch))
-                results, error = [], exc
-            elapsed = time.perf_counter() - started
+            outcomes, per_row = self._run(batch)
             rows = sum(e.rows for e in batch)
             with self._cond:
                 self._running_rows -= rows
-            per_row = elapsed / rows
-            self._row_s = per_row if self._row_s <= 0 else 0.8 * self._row_s + 0.2 * per_row
-            for i, entry in enumerate(batch):
-                result = None if error is not None else results[i]
+            if per_row is not None:  # failures are quick and would make the queue look faster than it is
+                self._row_s = per_row if self._row_s <= 0 else 0.8 * self._row_s + 0.2 * per_row
+            for entry, (result, error) in zip(batch, outcomes, strict=True):
                 with contextlib.suppress(RuntimeError):  # the caller's loop is already closed
                     entry.loop.call_soon_threadsafe(_deliver, entry.future, result, error)
+
+    def _call_graph(self, batch: list[_Entry[P, R]]) -> tuple[list[R], float]:
+        started = time.perf_counter()
+        results = self._run_batch([e.payload for e in batch])
+        if len(results) != len(batch):
+            raise RuntimeError(f"{self.name}: {len(results)} results for {len(batch)} requests")
+        return results, (time.perf_counter() - started) / sum(e.rows for e in batch)
+
+    def _run(self, batch: list[_Entry[P, R]]
+             ) -> tuple[list[tuple[R | None, BaseException | None]], float | None]:
+        """Each request's (result, error), and the seconds per row of a call that succeeded (None if none did).
+
+        A batch of several requests that fails is retried one request at a time: the requests merged
+        into one call are unrelated, and one that cannot run (or a merged batch too large for memory)
+        must not fail the others with it."""
+        try:
+            results, per_row = self._call_graph(batch)
+            return [(r, None) for r in results], per_row
+        except BaseException as exc:
+            if len(batch) == 1:
+                log.exception("%s request failed", self.name)
+                return [(None, exc)], None
+            log.warning("%s batch of %d requests failed (%s); running them one at a time",
+                        self.name, len(batch), type(exc).__name__)
+        outcomes: list[tuple[R | None, BaseException | None]] = []
+        per_row = None
+        for entry in batch:
+            try:
+                (result,), per_row = self._call_graph([entry])
+                outcomes.append((result, None))
+            except BaseException as exc:
+                log.exception("%s request failed", self.name)
+                outcomes.append((None, exc))
+        return outcomes, per_row

@@ -319,22 +319,45 @@ def test_a_request_timing_out_in_the_queue_is_not_run() -> None:
     assert rec.batches == [["running"]]
 
 
-def test_a_failing_batch_fails_its_requests_and_the_next_batch_still_runs() -> None:
+def test_a_failing_batch_fails_only_the_request_that_fails_alone_and_the_next_batch_still_runs() -> None:
     rec = Recorder(hold_first=True, fail_on="bad")
     batcher = make(rec, max_batch_size=2, max_queue_delay_s=0.0, max_queue_size=8)
 
     async def main() -> None:
         first = asyncio.ensure_future(batcher.submit("first"))
         await asyncio.to_thread(rec.started.wait, 5)
-        pair = [asyncio.ensure_future(batcher.submit(x)) for x in ("ok", "bad")]
+        ok, bad = (asyncio.ensure_future(batcher.submit(x)) for x in ("ok", "bad"))
         after = asyncio.ensure_future(batcher.submit("after"))
         await wait_until(lambda: batcher.depth == 3)
         rec.release.set()
         assert await first == "done:first"
-        for task in pair:
-            with pytest.raises(RuntimeError, match="graph failed"):
-                await task
+        # "ok" was merged with "bad" into one failing call; retried alone, it succeeds.
+        assert await ok == "done:ok"
+        with pytest.raises(RuntimeError, match="graph failed"):
+            await bad
         assert await after == "done:after"
+        assert rec.batches[1:4] == [["ok", "bad"], ["ok"], ["bad"]]
+        assert batcher._running_rows == 0 and batcher._queued_rows == 0
+        assert batcher._row_s > 0
+
+    try:
+        asyncio.run(main())
+    finally:
+        batcher.close()
+
+
+def test_failed_calls_do_not_shorten_the_measured_time_per_row() -> None:
+    # Failures return at once; counting them made the queue's time bound and Retry-After too short.
+    rec = Recorder(fail_on="bad")
+    batcher = make(rec, max_batch_size=1, max_queue_delay_s=0.0, max_queue_size=8)
+
+    async def main() -> None:
+        assert await batcher.submit("ok") == "done:ok"
+        measured = batcher._row_s
+        for _ in range(5):
+            with pytest.raises(RuntimeError):
+                await batcher.submit("bad")
+        assert batcher._row_s == measured
 
     try:
         asyncio.run(main())
@@ -527,6 +550,55 @@ def test_aclose_lets_a_classify_in_progress_finish_and_then_refuses(tiny_pipelin
             await bp.classify(pixels, [MEDIUM])
 
     asyncio.run(main())
+
+
+def test_a_classify_admitted_in_the_same_tick_as_aclose_still_finishes(tiny_pipeline, tiny_config) -> None:
+    # classify starts its two encoder tasks; a shutdown beginning before they first run must not make
+    # them fail an admission check the classify already passed.
+    pixels = pixels_of(tiny_config, tiny_pipeline, [7])
+    bp = BatchedPipeline(tiny_pipeline, BatchingConfig())
+
+    async def main() -> None:
+        call = asyncio.ensure_future(bp.classify(pixels, [MEDIUM]))
+        await asyncio.sleep(0)  # classify is admitted and has created its encoder tasks
+        await bp.aclose()
+        probs, _ = await call
+        assert probs.shape == (1, len(tiny_pipeline.manifest.labels))
+
+    asyncio.run(main())
+
+
+def test_idle_housekeeping_waits_while_another_instance_still_runs_a_batch() -> None:
+    # Two inference threads on one session: the idle shrink must not run beside the other's batch.
+    release, started, idle_while_running = threading.Event(), threading.Event(), []
+    batcher: GraphBatcher
+
+    def graph(payloads: Sequence[object]) -> list[object]:
+        if "slow" in payloads:
+            started.set()
+            assert release.wait(10)
+        return list(payloads)
+
+    def on_idle() -> None:
+        idle_while_running.append(batcher._running_rows)
+
+    batcher = GraphBatcher("unit", graph, BatchingConfig(max_batch_size=1, max_queue_delay_s=0.0, idle_s=0.05),
+                           on_idle=on_idle, instances=2)
+
+    async def main() -> None:
+        assert await batcher.submit("quick") == "quick"  # one instance ran a batch: its idle is due
+        slow = asyncio.ensure_future(batcher.submit("slow"))
+        await asyncio.to_thread(started.wait, 5)
+        await asyncio.sleep(0.3)  # several idle_s periods while "slow" runs
+        release.set()
+        assert await slow == "slow"
+        await asyncio.sleep(0.3)
+
+    try:
+        asyncio.run(main())
+    finally:
+        batcher.close()
+    assert idle_while_running and all(rows == 0 for rows in idle_while_running), idle_while_running
 
 
 def record_image_encoder_runs(pipeline: ModelPipeline, monkeypatch) -> list[tuple[int, bool]]:

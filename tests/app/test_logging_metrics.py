@@ -283,3 +283,21 @@ def test_a_client_that_disconnects_mid_body_is_logged_as_499_without_an_error(ap
     assert sent == []  # nobody is left to answer
     assert access_lines(logs)[-1]["status"] == 499
     assert not [line for line in logs.lines if line["level"] == "error"]
+
+
+def test_a_timeout_raised_by_the_app_itself_is_a_500_not_the_deadline_504() -> None:
+    from app.api.timeout import TimeoutMiddleware
+
+    async def inner(scope, receive, send) -> None:  # type: ignore[no-untyped-def]
+        if scope["type"] != "http":
+            return
+        if scope["path"] == "/own":
+            raise TimeoutError("an upstream call of the app timed out")
+        await asyncio.sleep(5)
+
+    app = RequestIdMiddleware(TimeoutMiddleware(inner, timeout_s=0.2))
+    client = TestClient(app, raise_server_exceptions=False)  # no lifespan: the raw app has none
+    r = client.get("/own")
+    assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"  # not "the deadline passed"
+    r = client.get("/slow")
+    assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
