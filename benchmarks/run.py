@@ -32,11 +32,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import functools
 import gc
 import json
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -67,6 +69,11 @@ MODES: dict[str, dict[str, Any]] = {
     },
 }
 SERVERS = ("mmfusion", "inprocess", "naive_torch", "litserve")
+LITSERVE_DEFAULTS: dict[str, Any] = {"max_batch_size": 8, "batch_timeout_s": 0.001, "workers": 2}
+"""LitServe's settings: the highest throughput at 16 clients of a sweep on the 2-core VNNI VM (2026-11-29, text
+cache off; req/s and p99 ms at 16 clients): batch 8 / 5 ms / 1 worker (the old setting) 110 at 153; 32 / 1 ms / 1
+98 at 251; 16 / 2 ms / 1: 101 at 211; 32 / 5 ms / 1: 102 at 204; 16 / 2 ms / 2 workers: 119 at 223; **8 / 1 ms / 2
+workers: 123 at 185**. A timeout of 0 makes LitServe's batching loop poll without waiting (a spinning core)."""
 LOAD_CLIENT_TEXT = {
     "raw": "benchmarks/load_client.py (pre-serialised requests, one keep-alive connection per client)",
     "httpx": "httpx.AsyncClient (one keep-alive connection per client)",
@@ -106,8 +113,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--load-client", choices=("raw", "httpx"), default="raw",
                    help="HTTP load generator: raw = benchmarks/load_client.py (default, least client CPU per "
                    "request), httpx = httpx.AsyncClient (for comparing the client's cost)")
-    p.add_argument("--litserve-max-batch-size", type=int, default=8)
-    p.add_argument("--litserve-batch-timeout", type=float, default=0.005, help="seconds")
+    p.add_argument("--litserve-max-batch-size", type=int, default=LITSERVE_DEFAULTS["max_batch_size"])
+    p.add_argument("--litserve-batch-timeout", type=float, default=LITSERVE_DEFAULTS["batch_timeout_s"],
+                   help="seconds (0 makes LitServe's batching loop poll its queue without waiting: it spins)")
+    p.add_argument("--litserve-workers", type=int, default=LITSERVE_DEFAULTS["workers"],
+                   help="LitServe workers per device; with more than one each gets its share of the CPUs")
+    p.add_argument("--text-cache-size", type=int, default=0,
+                   help="text-encoder cache of every server built on the pipeline (mmfusion, in-process, LitServe); "
+                   "default 0: every request sends the same question, so with a cache the text encoder would run "
+                   "once per run and the naive server (no cache) would be the only one paying for it")
     p.add_argument("--serve-venv", type=Path, default=Path(".venv-serve"), help="serving venv whose size is reported")
     p.add_argument("--peak-n", type=int, default=2048, help="matrix size of the matmul-peak measurement")
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
@@ -177,7 +191,9 @@ async def run_servers(args: argparse.Namespace, cfg: dict[str, Any], servers: li
     times its speed when a core is taken from it.
     """
     from app.core.config import Settings
+    from app.inference.batched import BatchedPipeline
     from app.inference.pipeline import ModelPipeline
+    from app.main import batching_config
     from app.preprocessing.image import decode_image
     from benchmarks import server_level as sl
 
@@ -202,7 +218,8 @@ async def run_servers(args: argparse.Namespace, cfg: dict[str, Any], servers: li
     # (server, classify body per image) for the HTTP servers.
     procs: dict[str, sl.ServerProcess] = {}
     bodies: dict[str, dict[str, sl.Body]] = {}
-    env_pairs = dict(kv.split("=", 1) for kv in args.server_env)
+    env_pairs = {"MMFUSION_TEXT_CACHE_SIZE": str(args.text_cache_size),
+                 **dict(kv.split("=", 1) for kv in args.server_env)}
     if "mmfusion" in servers:
         procs["mmfusion"] = sl.mmfusion_server(args.bundle, workdir, env_pairs)
         bodies["mmfusion"] = {k: multipart("/v1/classify", v) for k, v in images.items()}
@@ -212,7 +229,8 @@ async def run_servers(args: argparse.Namespace, cfg: dict[str, Any], servers: li
     if "litserve" in servers:
         if sl.litserve_available():
             procs["litserve"] = sl.litserve_server(args.bundle, workdir, args.litserve_max_batch_size,
-                                                   args.litserve_batch_timeout)
+                                                   args.litserve_batch_timeout, args.litserve_workers,
+                                                   args.text_cache_size)
             bodies["litserve"] = {k: sl.json_body("/v1/classify", {"image": base64.b64encode(v).decode(),
                                                                   "text": text}) for k, v in images.items()}
         else:
@@ -232,10 +250,17 @@ async def run_servers(args: argparse.Namespace, cfg: dict[str, Any], servers: li
                 del procs[name]
         pipe = None
         if "inprocess" in servers:
+            # The ceiling is the server's own request path without HTTP: the same thread split, the same
+            # batching queues and decode pool. Calling pipe.classify from one thread per client instead
+            # oversubscribes the cores and measures that, not what HTTP costs.
             log("  inprocess: loading the pipeline")
-            settings = Settings(bundle=args.bundle, index_path=workdir / "inprocess-index")
-            pipe = ModelPipeline(args.bundle, settings)
+            settings = Settings(bundle=args.bundle, index_path=workdir / "inprocess-index",
+                                text_cache_size=args.text_cache_size)
+            pipe = ModelPipeline(args.bundle, settings, split_threads=True)
             pipe.warmup()
+            batched = BatchedPipeline(pipe, batching_config(settings),
+                                      image_instances=settings.image_encoder_instances)
+            decode_pool = ThreadPoolExecutor(settings.resolved_decode_threads(), thread_name_prefix="decode")
 
         for key, jpeg in images.items():
             workload = f"classify_{key}"
@@ -246,11 +271,14 @@ async def run_servers(args: argparse.Namespace, cfg: dict[str, Any], servers: li
                 for name in ("mmfusion", "inprocess", "naive_torch", "litserve"):
                     if name == "inprocess" and pipe is not None:
 
-                        def work(jpeg: bytes = jpeg, pipe: ModelPipeline = pipe) -> object:
-                            pixels = decode_image(jpeg, pipe.manifest.image, max_pixels=settings.max_image_pixels)
-                            return pipe.classify(pixels[None], [text])
+                        async def send(jpeg: bytes = jpeg, pipe: ModelPipeline = pipe) -> int:
+                            pixels = await asyncio.get_running_loop().run_in_executor(
+                                decode_pool, functools.partial(decode_image, jpeg, pipe.manifest.image,
+                                                               max_pixels=settings.max_image_pixels))
+                            await batched.classify(pixels[None], [text])
+                            return 200
 
-                        level = (await sl.inprocess_levels(work, plan, (c,)))[0]
+                        level = await sl.closed_loop(send, c, plan.warmup_s, plan.duration_s)
                     elif name in procs:
                         procs[name].resume()
                         try:
@@ -265,7 +293,9 @@ async def run_servers(args: argparse.Namespace, cfg: dict[str, Any], servers: li
                         continue
                     workloads[workload].setdefault(name, []).append(level)
         if pipe is not None:
-            del pipe
+            await batched.aclose()
+            decode_pool.shutdown(wait=True)
+            del pipe, batched
             gc.collect()
         if "mmfusion" in procs:
             procs["mmfusion"].resume()
@@ -301,7 +331,10 @@ async def run_servers(args: argparse.Namespace, cfg: dict[str, Any], servers: li
         "mmfusion_env": env_pairs,
         "mmfusion_settings": effective_settings(env_pairs),
         "litserve": {"max_batch_size": args.litserve_max_batch_size, "batch_timeout_s": args.litserve_batch_timeout,
+                     "workers": args.litserve_workers,
                      "body": "JSON with base64 image (LitServe cannot pickle a multipart upload into its queue)"},
+        "text_cache_size": args.text_cache_size,
+        "inprocess": "the server's BatchedPipeline and decode pool, called without HTTP",
         "workloads": workloads,
         "startup_s": startup,
         "rss_mb": rss,

@@ -25,7 +25,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,14 +159,14 @@ class ServerProcess:
         raise RuntimeError(f"{self.name} not ready after {timeout_s} s: {self.log_tail()}")
 
     def sample_rss(self) -> int:
-        """Resident memory of the server and all its children (LitServe runs worker processes)."""
+        """Memory of the server and all its children (LitServe runs worker processes), as PSS where the
+        OS reports it: summing each process's RSS would count the pages they share (libraries, the
+        forked interpreter) once per process and overstate a multi-process server."""
         if self.proc is None:
             return 0
         try:
             root = psutil.Process(self.proc.pid)
-            total = root.memory_info().rss + sum(
-                c.memory_info().rss for c in root.children(recursive=True) if c.is_running()
-            )
+            total = sum(_pss(p) for p in (root, *root.children(recursive=True)) if p.is_running())
         except psutil.Error:
             return 0
         self.rss_samples.append(total)
@@ -273,20 +272,12 @@ async def http_levels(server: ServerProcess, body: Body, plan: LoadPlan,
     return levels
 
 
-async def inprocess_levels(work: Callable[[], object], plan: LoadPlan,
-                           concurrency: Sequence[int] | None = None) -> list[dict[str, Any]]:
-    """The ceiling: the same work called from a thread pool with the same concurrency, no HTTP."""
-    levels = []
-    loop = asyncio.get_running_loop()
-    for c in concurrency or plan.concurrency:
-        with ThreadPoolExecutor(max_workers=c, thread_name_prefix="ceiling") as pool:
-
-            async def send(pool: ThreadPoolExecutor = pool) -> int:
-                await loop.run_in_executor(pool, work)
-                return 200
-
-            levels.append(await closed_loop(send, c, plan.warmup_s, plan.duration_s))
-    return levels
+def _pss(process: psutil.Process) -> int:
+    """Proportional set size (Linux), else RSS."""
+    try:
+        return int(getattr(process.memory_full_info(), "pss", 0)) or process.memory_info().rss
+    except (psutil.AccessDenied, NotImplementedError):
+        return process.memory_info().rss
 
 
 def mmfusion_server(bundle: Path, workdir: Path, extra_env: Mapping[str, str]) -> ServerProcess:
@@ -304,10 +295,12 @@ def naive_server(bundle: Path, run: Path | None, workdir: Path) -> ServerProcess
     return ServerProcess("naive_torch", cmd, env, port, "/health", workdir / "naive.log")
 
 
-def litserve_server(bundle: Path, workdir: Path, max_batch_size: int, batch_timeout_s: float) -> ServerProcess:
+def litserve_server(bundle: Path, workdir: Path, max_batch_size: int, batch_timeout_s: float, workers: int = 1,
+                    text_cache_size: int = 0) -> ServerProcess:
     port = free_port()
     cmd = [sys.executable, "-m", "benchmarks.baselines.litserve_server", "--bundle", str(bundle), "--port", str(port),
-           "--max-batch-size", str(max_batch_size), "--batch-timeout", str(batch_timeout_s)]
+           "--max-batch-size", str(max_batch_size), "--batch-timeout", str(batch_timeout_s),
+           "--workers", str(workers), "--text-cache-size", str(text_cache_size)]
     return ServerProcess("litserve", cmd, {}, port, "/health", workdir / "litserve.log")
 
 

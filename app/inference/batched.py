@@ -118,17 +118,20 @@ class BatchedPipeline:
         if self._largest[role] <= SHRINK_AFTER_ROWS:
             return
         self._largest[role] = 0
-        session = self.pipeline.sessions[role]
-        session.run(dummy_feeds(session.spec, batch=1), shrink_arena=True)
+        sessions = self.pipeline.image_sessions if role == "image_encoder" else [self.pipeline.sessions[role]]
+        for session in sessions:  # idle: no inference thread runs any of them now (GraphBatcher's on_idle)
+            session.run(dummy_feeds(session.spec, batch=1), shrink_arena=True)
         release_free_heap()  # the request path's buffers of the same burst (app/core/memory.py)
 
     def _run_images(self, payloads: Sequence[np.ndarray]) -> list[ImageOutputs]:
         merged = payloads[0] if len(payloads) == 1 else np.concatenate(payloads)
         self._note_rows("image_encoder", len(merged))
+        instance = self.image.current_instance() % len(self.pipeline.image_sessions)
         if self.per_row["image_encoder"] and len(merged) > 1:
-            out = _concat([self.pipeline.encode_images(merged[i:i + 1]) for i in range(len(merged))])
+            out = _concat([self.pipeline.encode_images(merged[i:i + 1], instance=instance)
+                           for i in range(len(merged))])
         else:
-            out = self.pipeline.encode_images(merged)
+            out = self.pipeline.encode_images(merged, instance=instance)
         return [{name: v[a:b] for name, v in out.items()} for a, b in _offsets([len(p) for p in payloads])]
 
     def _run_texts(self, payloads: Sequence[list[str]]) -> list[list[TextRow]]:

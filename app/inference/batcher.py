@@ -26,9 +26,9 @@ Results go back to the caller's event loop with ``loop.call_soon_threadsafe``; t
 never blocks on inference.
 
 ``instances`` (Triton's ``instance_group`` count) gives a graph more than one inference thread on the
-same queue and session: while one batch runs, the next one starts instead of waiting. One by default;
-for the image encoder on 2 CPU cores two were measured at +5-8 % throughput and a worse p99
-(``Settings.image_encoder_instances``).
+same queue: while one batch runs, the next one starts instead of waiting. :meth:`current_instance`
+tells the batch function which instance calls it, so that each has its own session
+(``Settings.image_encoder_instances``; measured there).
 """
 
 from __future__ import annotations
@@ -121,8 +121,10 @@ class GraphBatcher(Generic[P, R]):
         # Rows queued, kept as a count (under _cond) so that refuse_if_full, called from the event loop
         # without the lock, never iterates a deque an inference thread is popping from.
         self._queued_rows = 0
+        self._instance = threading.local()
         self._threads = [
-            threading.Thread(target=self._loop, name=f"infer-{name}" + (f"-{i}" if i else ""), daemon=True)
+            threading.Thread(target=self._loop, args=(i,), name=f"infer-{name}" + (f"-{i}" if i else ""),
+                             daemon=True)
             for i in range(instances)
         ]
         self._depth = metrics.QUEUE_DEPTH.labels(name)
@@ -135,6 +137,10 @@ class GraphBatcher(Generic[P, R]):
     def instances(self) -> int:
         """Inference threads draining this queue."""
         return len(self._threads)
+
+    def current_instance(self) -> int:
+        """The instance (0 .. instances-1) of the inference thread calling; 0 off those threads."""
+        return int(getattr(self._instance, "index", 0))
 
     @property
     def depth(self) -> int:
@@ -226,9 +232,10 @@ class GraphBatcher(Generic[P, R]):
                 log.error("%s did not stop within %.0fs", thread.name, timeout_s)
 
     # -- inference thread -----------------------------------------------------------------
-    def _take_batch(self) -> list[_Entry[P, R]] | None:
+    def _take_batch(self, instance: int = 0) -> list[_Entry[P, R]] | None:
         """Block until a batch is due (Triton's rule) and take it; None once closed and drained,
-        ``[]`` when the queue stayed empty for ``idle_s`` after a batch (time for ``on_idle``)."""
+        ``[]`` when the queue stayed empty for ``idle_s`` after a batch (time for ``on_idle``).
+        ``instance``: which inference thread asks (for :meth:`current_instance`)."""
         cfg = self.config
         with self._cond:
             while True:
@@ -267,9 +274,10 @@ class GraphBatcher(Generic[P, R]):
                 self._running_rows += rows
                 return batch
 
-    def _loop(self) -> None:
+    def _loop(self, instance: int = 0) -> None:
+        self._instance.index = instance
         while True:
-            batch = self._take_batch()
+            batch = self._take_batch(instance)
             if batch is None:
                 return
             if not batch:

@@ -25,7 +25,14 @@ import numpy as np
 from app.bundle.manifest import BundleManifest
 from app.bundle.verify import load_bundle_manifest
 from app.core.config import Settings
-from app.inference.runtime import GraphSession, choose_precision, load_sessions, resolve_providers
+from app.inference.runtime import (
+    GraphSession,
+    choose_precision,
+    intra_op_split,
+    load_graph_session,
+    load_sessions,
+    resolve_providers,
+)
 from app.inference.tensorrt import PROVIDER as TENSORRT
 from app.inference.tensorrt import TensorRTConfig
 from app.inference.text_cache import TextCache
@@ -86,16 +93,28 @@ class Timings:
 class ModelPipeline:
     def __init__(self, bundle_dir: Path, settings: Settings, *, split_threads: bool = False):
         """``split_threads=True`` when the graphs will run concurrently (the server's per-graph
-        batchers): the intra-op thread budget is then divided between them (runtime.intra_op_split)."""
+        batchers): the intra-op thread budget is then divided between them (runtime.intra_op_split),
+        and the image encoder gets one session per ``MMFUSION_IMAGE_ENCODER_INSTANCES``."""
         self.bundle_dir = Path(bundle_dir)
         self.manifest: BundleManifest = load_bundle_manifest(self.bundle_dir)
         self.providers = resolve_providers(settings.providers)
         self.precision = choose_precision(self.manifest, settings.precision, self.providers)
+        instances = settings.image_encoder_instances if split_threads else 1
+        threads = settings.resolved_intra_op_threads()
         self.sessions: dict[str, GraphSession] = load_sessions(
             self.bundle_dir, self.manifest, providers=self.providers, precision=self.precision,
-            intra_op_threads=settings.resolved_intra_op_threads(), split_threads=split_threads,
-            spinning=settings.intra_op_spinning, tensorrt=self._tensorrt_config(settings),
+            intra_op_threads=threads, split_threads=split_threads,
+            spinning=settings.intra_op_spinning, tensorrt=self._tensorrt_config(settings), image_instances=instances,
         )
+        # One image-encoder session per inference thread (Triton's instance_group: each instance its own
+        # copy), so two batches never share one session's thread pool; [0] is sessions["image_encoder"].
+        self.image_sessions: list[GraphSession] = [self.sessions["image_encoder"]] + [
+            load_graph_session(self.bundle_dir, "image_encoder", self.manifest.graphs["image_encoder"],
+                               providers=self.providers, precision=self.precision,
+                               threads=intra_op_split("image_encoder", threads, instances),
+                               spinning=settings.intra_op_spinning, tensorrt=self._tensorrt_config(settings))
+            for _ in range(instances - 1)
+        ]
         self.tokenizer = TextTokenizer(
             self.bundle_dir / self.manifest.text.tokenizer_file, self.manifest.text.max_length,
             self.manifest.text.pad_id,
@@ -122,8 +141,10 @@ class ModelPipeline:
         )
 
     # -- encoders -------------------------------------------------------------------------
-    def encode_images(self, pixel_values: np.ndarray, *, shrink_arena: bool = False) -> dict[str, np.ndarray]:
-        return self.sessions["image_encoder"].run({"pixel_values": pixel_values}, shrink_arena=shrink_arena)
+    def encode_images(self, pixel_values: np.ndarray, *, shrink_arena: bool = False, instance: int = 0
+                      ) -> dict[str, np.ndarray]:
+        """``instance``: which image-encoder session (one per inference thread of the server)."""
+        return self.image_sessions[instance].run({"pixel_values": pixel_values}, shrink_arena=shrink_arena)
 
     def encode_text_rows(self, texts: list[str], *, shrink_arena: bool = False) -> list[TextRow]:
         """Tokenise ``texts`` together, answer repeated ones from the cache, run the rest as one batch.
@@ -219,3 +240,5 @@ class ModelPipeline:
         """One real pass through every graph, so the first client request pays no lazy init."""
         size = self.manifest.image.size
         self.classify(np.zeros((1, 3, size, size), dtype=np.float32), ["warm up"])
+        for instance in range(1, len(self.image_sessions)):
+            self.encode_images(np.zeros((1, 3, size, size), dtype=np.float32), instance=instance)

@@ -163,7 +163,7 @@ class GraphSession:
         return {o.name: v for o, v in zip(self.session.get_outputs(), outputs, strict=True)}
 
 
-def intra_op_split(role: str, budget: int) -> int:
+def intra_op_split(role: str, budget: int, image_instances: int = 1) -> int:
     """Intra-op threads of one graph's session, out of ``budget`` (the CPUs the container may use).
 
     A classify runs the image and text encoders at the same time (two inference threads), then the
@@ -178,12 +178,17 @@ def intra_op_split(role: str, budget: int) -> int:
     End to end (in-process classify through the batchers, pre-decoded demo images, fp32 encoders,
     int8 fusion head, text cache off): this split gave 62.3 req/s at p50 15.7 ms for 1 client and
     70.7 req/s for 16 clients; every session at 2 threads gave 52.4 req/s at p50 19.3 ms and 60.0 req/s.
+
+    With ``image_instances`` inference threads on the image encoder, each has its own session (as
+    Triton's instance_group gives each instance its own model copy) with ``budget // image_instances``
+    threads: two 2-thread sessions, or one shared, ran four threads on two cores (worse p99), and an
+    all-threads first instance beside a 1-thread second one still ran three (measured: no gain).
     """
     if role == "fusion_head":
         return 1
     if role == "text_encoder":
         return max(1, budget // 2)
-    return max(1, budget)
+    return max(1, budget // max(1, image_instances))
 
 
 def session_options(intra_op_threads: int, spinning: bool = SPINNING) -> ort.SessionOptions:
@@ -221,6 +226,7 @@ def provider_options(
 def load_sessions(
     bundle_dir: Path, manifest: BundleManifest, *, providers: list[str], precision: str, intra_op_threads: int,
     split_threads: bool = False, spinning: bool = SPINNING, tensorrt: TensorRTConfig | None = None,
+    image_instances: int = 1,
 ) -> dict[str, GraphSession]:
     """``split_threads``: the graphs will run concurrently (the server's batchers): divide the
     thread budget with :func:`intra_op_split`. Otherwise (offline, one graph at a time) each
@@ -231,23 +237,32 @@ def load_sessions(
         prepare_cache_dir(tensorrt)
     sessions: dict[str, GraphSession] = {}
     for role, spec in manifest.graphs.items():
-        variant = spec.variants[precision]  # type: ignore[index]
-        opts = session_options(intra_op_split(role, intra_op_threads) if split_threads else intra_op_threads, spinning)
-        try:
-            sess = ort.InferenceSession(
-                str(bundle_dir / variant.file), opts, providers=provider_options(providers, spec, tensorrt)
-            )
-        except Exception as exc:  # ORT raises its own untyped errors for corrupt graphs
-            raise BundleError(f"bundle {bundle_dir}: ONNX Runtime cannot load {variant.file}: {exc}") from None
-        declared = {t.name for t in spec.inputs}
-        actual = {i.name for i in sess.get_inputs()}
-        if not actual <= declared:
-            raise BundleError(
-                f"bundle {bundle_dir}: {variant.file} has inputs {sorted(actual)} but the manifest "
-                f"declares {sorted(declared)}"
-            )
-        sessions[role] = GraphSession(role, spec, sess, precision)
+        sessions[role] = load_graph_session(
+            bundle_dir, role, spec, providers=providers, precision=precision, tensorrt=tensorrt, spinning=spinning,
+            threads=intra_op_split(role, intra_op_threads, image_instances) if split_threads else intra_op_threads)
     return sessions
+
+
+def load_graph_session(bundle_dir: Path, role: str, spec: GraphSpec, *, providers: list[str], precision: str,
+                       threads: int, spinning: bool = SPINNING, tensorrt: TensorRTConfig | None = None
+                       ) -> GraphSession:
+    """One graph's session, checked against the manifest's declared inputs."""
+    variant = spec.variants[precision]  # type: ignore[index]
+    opts = session_options(threads, spinning)
+    try:
+        sess = ort.InferenceSession(
+            str(bundle_dir / variant.file), opts, providers=provider_options(providers, spec, tensorrt)
+        )
+    except Exception as exc:  # ORT raises its own untyped errors for corrupt graphs
+        raise BundleError(f"bundle {bundle_dir}: ONNX Runtime cannot load {variant.file}: {exc}") from None
+    declared = {t.name for t in spec.inputs}
+    actual = {i.name for i in sess.get_inputs()}
+    if not actual <= declared:
+        raise BundleError(
+            f"bundle {bundle_dir}: {variant.file} has inputs {sorted(actual)} but the manifest "
+            f"declares {sorted(declared)}"
+        )
+    return GraphSession(role, spec, sess, precision)
 
 
 def dummy_feeds(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -29,12 +30,16 @@ from app.preprocessing.image import decode_image
 
 
 class ClassifyAPI(ls.LitAPI):
-    def __init__(self, bundle: Path, **kwargs: Any):
+    def __init__(self, bundle: Path, threads: int = 0, text_cache_size: int = 0, **kwargs: Any):
         super().__init__(**kwargs)
         self.bundle = bundle
+        self.threads = threads
+        self.text_cache_size = text_cache_size
 
     def setup(self, device: str) -> None:
-        self.settings = Settings(bundle=self.bundle, index_path=Path(tempfile.mkdtemp()) / "unused")
+        # With several workers each gets its share of the CPUs, as mmfusion splits its threads.
+        self.settings = Settings(bundle=self.bundle, index_path=Path(tempfile.mkdtemp()) / "unused",
+                                 intra_op_threads=self.threads, text_cache_size=self.text_cache_size)
         self.pipeline = ModelPipeline(self.bundle, self.settings)
         self.pipeline.warmup()
 
@@ -67,10 +72,14 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8200)
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--batch-timeout", type=float, default=0.005, help="seconds")
+    parser.add_argument("--workers", type=int, default=1, help="LitServe workers (each decodes and predicts)")
+    parser.add_argument("--text-cache-size", type=int, default=0, help="the pipeline's text-encoder cache")
     args = parser.parse_args()
-    api = ClassifyAPI(args.bundle, max_batch_size=args.max_batch_size, batch_timeout=args.batch_timeout,
-                      api_path="/v1/classify")
-    server = ls.LitServer(api, accelerator="cpu", workers_per_device=1, timeout=120)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = 0 if args.workers == 1 else max(1, cpus // args.workers)
+    api = ClassifyAPI(args.bundle, threads=threads, text_cache_size=args.text_cache_size,
+                      max_batch_size=args.max_batch_size, batch_timeout=args.batch_timeout, api_path="/v1/classify")
+    server = ls.LitServer(api, accelerator="cpu", workers_per_device=args.workers, timeout=120)
     server.run(port=args.port, num_api_servers=1, log_level="warning", generate_client_file=False)
 
 

@@ -891,3 +891,45 @@ def test_cuda_gets_heuristic_conv_search_and_copies_on_the_default_stream() -> N
         "CPUExecutionProvider",
     ]
     assert provider_options(["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+
+
+def test_each_image_encoder_instance_runs_its_own_session_with_its_share_of_the_threads(
+        tiny_pipeline, tiny_config) -> None:
+    # Two inference threads on one 2-thread session ran four threads on two cores (worse p99); each
+    # instance now has its own session (Triton's instance_group) with half the image threads.
+    bundle = tiny_pipeline.bundle_dir
+    pipe = ModelPipeline(bundle, Settings(bundle=bundle, intra_op_threads=2, image_encoder_instances=2,
+                                          text_cache_size=0), split_threads=True)
+    first, second = pipe.image_sessions
+    assert first is pipe.sessions["image_encoder"] and second.session is not first.session
+    assert [s.session.get_session_options().intra_op_num_threads for s in pipe.image_sessions] == [1, 1]
+    pixels = pixels_of(tiny_config, pipe, [3])
+    np.testing.assert_allclose(pipe.encode_images(pixels, instance=1)["image_embedding"],
+                               pipe.encode_images(pixels)["image_embedding"], atol=1e-6)
+    offline = ModelPipeline(bundle, Settings(bundle=bundle, image_encoder_instances=2))
+    assert len(offline.image_sessions) == 1  # offline (no split_threads): one session, whatever the setting
+
+    calls: list[tuple[str, int]] = []
+    both_running = threading.Barrier(2, timeout=5)
+    real = pipe.encode_images
+
+    def spy(pixel_values: np.ndarray, *, shrink_arena: bool = False, instance: int = 0) -> dict:
+        calls.append((threading.current_thread().name, instance))
+        if len(calls) <= 2:
+            both_running.wait()  # the first two batches run at once: one on each inference thread
+        return real(pixel_values, shrink_arena=shrink_arena, instance=instance)
+
+    pipe.encode_images = spy  # type: ignore[method-assign]
+    bp = BatchedPipeline(pipe, BatchingConfig(max_batch_size=1), image_instances=2)
+
+    async def main() -> None:
+        await asyncio.gather(*(bp.encode_images(pixels) for _ in range(24)))
+        await bp.aclose()
+
+    asyncio.run(main())
+    assert len(calls) == 24 and {calls[0][1], calls[1][1]} == {0, 1}
+    by_thread: dict[str, set[int]] = {}
+    for thread, instance in calls:
+        by_thread.setdefault(thread, set()).add(instance)
+    assert all(len(instances) == 1 for instances in by_thread.values()), by_thread  # a thread keeps its session
+
