@@ -190,7 +190,6 @@ async def run_servers(args: argparse.Namespace, cfg: dict[str, Any], servers: li
     because an idle server is not idle (LitServe polls its queues) and eager PyTorch loses many
     times its speed when a core is taken from it.
     """
-    from app.core.config import Settings
     from app.inference.batched import BatchedPipeline
     from app.inference.pipeline import ModelPipeline
     from app.main import batching_config
@@ -254,8 +253,7 @@ async def run_servers(args: argparse.Namespace, cfg: dict[str, Any], servers: li
             # batching queues and decode pool. Calling pipe.classify from one thread per client instead
             # oversubscribes the cores and measures that, not what HTTP costs.
             log("  inprocess: loading the pipeline")
-            settings = Settings(bundle=args.bundle, index_path=workdir / "inprocess-index",
-                                text_cache_size=args.text_cache_size)
+            settings = server_settings(env_pairs, bundle=args.bundle, index_path=workdir / "inprocess-index")
             pipe = ModelPipeline(args.bundle, settings, split_threads=True)
             pipe.warmup()
             batched = BatchedPipeline(pipe, batching_config(settings),
@@ -350,14 +348,20 @@ OVERLOAD_RESULTS = ("overload-shipped-queue.json", "overload.json")
 """Where ``benchmarks/overload.py --json`` results are looked for, best first (README, Overload)."""
 
 
-def effective_settings(env_pairs: dict[str, str]) -> dict[str, Any]:
-    """The performance settings the mmfusion server ran with (its defaults plus --server-env)."""
+def server_settings(env_pairs: dict[str, str], **overrides: Any) -> Any:
+    """The mmfusion server's Settings: its defaults plus what the benchmark passes it (--server-env and
+    the text cache size), so that the in-process ceiling runs with the very same ones."""
     from app.core.config import Settings
 
-    fields = ("precision", "intra_op_threads", "decode_threads", "max_batch_size", "max_queue_delay_ms",
-              "max_queue_size", "text_cache_size", "log_level")
     kwargs = {k.removeprefix("MMFUSION_").lower(): v for k, v in env_pairs.items() if k.startswith("MMFUSION_")}
-    settings = Settings(**kwargs)
+    return Settings(**{**kwargs, **overrides})
+
+
+def effective_settings(env_pairs: dict[str, str]) -> dict[str, Any]:
+    """The performance settings the mmfusion server ran with (its defaults plus --server-env)."""
+    fields = ("precision", "intra_op_threads", "decode_threads", "max_batch_size", "max_queue_delay_ms",
+              "max_queue_size", "text_cache_size", "image_encoder_instances", "log_level")
+    settings = server_settings(env_pairs)
     out = {f: getattr(settings, f, None) for f in fields}
     out["resolved_intra_op_threads"] = settings.resolved_intra_op_threads()
     return out

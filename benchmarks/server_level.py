@@ -159,14 +159,16 @@ class ServerProcess:
         raise RuntimeError(f"{self.name} not ready after {timeout_s} s: {self.log_tail()}")
 
     def sample_rss(self) -> int:
-        """Memory of the server and all its children (LitServe runs worker processes), as PSS where the
-        OS reports it: summing each process's RSS would count the pages they share (libraries, the
-        forked interpreter) once per process and overstate a multi-process server."""
+        """Memory of the server and all its children (LitServe runs worker processes): every process's
+        own pages (USS) plus the root's shared ones, counted once. Summing RSS counted the pages the
+        processes share once per process; PSS would split them with unrelated processes that map the
+        same libraries (the benchmark driver itself loads ONNX Runtime and torch)."""
         if self.proc is None:
             return 0
         try:
             root = psutil.Process(self.proc.pid)
-            total = sum(_pss(p) for p in (root, *root.children(recursive=True)) if p.is_running())
+            tree = [p for p in (root, *root.children(recursive=True)) if p.is_running()]
+            total = sum(_unique(p) for p in tree) + max(0, root.memory_info().rss - _unique(root))
         except psutil.Error:
             return 0
         self.rss_samples.append(total)
@@ -272,11 +274,11 @@ async def http_levels(server: ServerProcess, body: Body, plan: LoadPlan,
     return levels
 
 
-def _pss(process: psutil.Process) -> int:
-    """Proportional set size (Linux), else RSS."""
+def _unique(process: psutil.Process) -> int:
+    """Unique set size (pages only this process maps), else RSS where the OS does not report it."""
     try:
-        return int(getattr(process.memory_full_info(), "pss", 0)) or process.memory_info().rss
-    except (psutil.AccessDenied, NotImplementedError):
+        return int(process.memory_full_info().uss)
+    except (psutil.AccessDenied, NotImplementedError, AttributeError):
         return process.memory_info().rss
 
 

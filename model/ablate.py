@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from model.config import TrainConfig
+from model.errors import UnknownNameError
 from model.fusion import FUSIONS, Fusion
 
 BASELINES = ("image_only", "text_only")
@@ -163,7 +164,7 @@ def run_ablation(
     names = fusions or [*[n for n in FUSIONS.names() if n not in BASELINES], *BASELINES]
     unknown = [n for n in names if n not in FUSIONS]
     if unknown:
-        raise KeyError(f"unknown fusion strategies {unknown}; choose from {FUSIONS.names()}")
+        raise UnknownNameError(f"unknown fusion strategies {unknown}; choose from {FUSIONS.names()}")
     rows = []
     for name in names:
         cfg = dataclasses.replace(base, fusion=name, run_dir=str(work_dir / "runs" / name), name=f"ablation-{name}")

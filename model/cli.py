@@ -378,12 +378,14 @@ TRAIN_COMMANDS = ("train", "export", "verify", "evaluate", "ablate", "build-defa
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command. What the user can fix (``model.errors.UserError``: a bad flag, file or dataset;
-    or a file that cannot be opened) is printed as ``error: <message>`` with exit code 2, not a traceback;
-    a refused export (parity) exits 1 the same way. Anything else is a bug and keeps its traceback."""
+    or a named file that is missing or cannot be opened) is printed as ``error: <message>`` with exit
+    code 2, not a traceback; a refused export (parity) exits 1 the same way. Anything else is a bug and
+    keeps its traceback."""
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (UserError, OSError) as exc:
+    except (UserError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as exc:
+        # Only the file errors a path on the command line causes; a connection or timeout error is a bug.
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except ParityError as exc:

@@ -54,9 +54,12 @@ class TrainConfig:
     """Torch intra-op threads (0 = all available CPUs)."""
     encoder_kwargs: dict[str, Any] = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
+    def validate(self) -> TrainConfig:
         """Refuse values that cannot work before any data is generated or any epoch runs: a misspelled
-        metric used to select checkpoints silently by training loss, and ``epochs=0`` "trained" nothing."""
+        metric used to select checkpoints silently by training loss, and ``epochs=0`` "trained" nothing.
+
+        Called for a run about to train (``train``), not when a finished run's config is read back:
+        a run trained before these checks must still export, evaluate and verify."""
         for name in ("epochs", "batch_size", "patience", "hidden_dim", "embed_dim", "demo_images"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -69,6 +72,7 @@ class TrainConfig:
         if self.early_stopping_metric not in allowed:
             raise ConfigError(f"early_stopping_metric {self.early_stopping_metric!r} is not a validation metric "
                               f"where higher is better; choose one of {allowed}")
+        return self
 
     def with_absolute_paths(self) -> TrainConfig:
         """The data paths made absolute: the run's config.json is read again by evaluate, export and

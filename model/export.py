@@ -421,9 +421,12 @@ def export_bundle(
         manifest_text = json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n"
         (tmp / MANIFEST_FILE).write_text(manifest_text, encoding="utf-8")
         load_bundle_manifest(tmp)  # the exported bundle must pass the same check the server runs
+        old = out_dir.with_name(out_dir.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
         if out_dir.exists():
-            shutil.rmtree(out_dir)
+            out_dir.rename(old)  # aside, not deleted, until the new bundle is in place
         tmp.rename(out_dir)
+        shutil.rmtree(old, ignore_errors=True)
         return manifest
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a refused or failed export leaves nothing half-written behind

@@ -298,7 +298,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, resume: bool = False) -> P
     """
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    cfg = cfg.with_absolute_paths()  # config.json must work from any folder (evaluate/export/verify read it)
+    cfg = cfg.validate().with_absolute_paths()  # config.json must work from any folder (evaluate/export/verify)
     seed_everything(cfg.seed)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

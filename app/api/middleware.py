@@ -142,7 +142,9 @@ def _route_template(scope: Scope) -> str:
         except Exception:  # the schema is for docs; metrics must not fail because of it
             paths = []
         compiled = _ROUTE_TEMPLATES[app] = [(compile_path(p)[0], p) for p in paths]
-    path = scope.get("path", "")
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    if root and path.startswith(root):  # behind a proxy prefix (--root-path) the templates are relative to it
+        path = path[len(root):] or "/"
     return next((template for regex, template in compiled if regex.match(path)), "unmatched")
 
 

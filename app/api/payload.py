@@ -80,7 +80,7 @@ def content_type(request: Request) -> tuple[str, dict[bytes, bytes]]:
     ctype, params = parse_options_header(raw)
     media = ctype.decode("latin-1").strip().lower()
     charset = params.get(b"charset", b"utf-8").decode("latin-1").strip().lower()
-    if media == "application/json" and charset not in ("utf-8", "utf8"):
+    if media == "application/json" and charset not in ("utf-8", "utf8", "us-ascii", "ascii"):  # ASCII is UTF-8
         raise UnsupportedMediaTypeError(f"JSON in charset {charset} is not supported; send UTF-8 (RFC 8259)")
     return media, params
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchema
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, WithJsonSchema
 
 from app.core.json_types import json_type_name
 
@@ -32,13 +32,25 @@ class ModelRef(BaseModel):
     precision: str
 
 
+def _integral(value: object) -> object:
+    """``5.0`` as 5: a count a client computed as a float (JavaScript, Java's Double) is still a count.
+    Anything else goes on to strict validation (``true`` and ``"5"`` are refused there)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+Count = Annotated[int, BeforeValidator(_integral)]
+"""An integer field of a JSON body: strict, except that an integer-valued float is accepted."""
+
+
 class ClassifyJSONRequest(BaseModel):
     """JSON alternative to the multipart form: the image as base64."""
 
     model_config = ConfigDict(extra="forbid")
     image_base64: str = Field(min_length=1, description="Base64 of the image file bytes (JPEG, PNG, WebP, BMP, GIF).")
     text: str = Field(examples=["what color is the circle?"])
-    top_k: int | None = Field(default=None, ge=1, description="Return only the best k labels (default: all).")
+    top_k: Count | None = Field(default=None, ge=1, description="Return only the best k labels (default: all).")
 
 
 class ClassifyResponse(BaseModel):
@@ -82,7 +94,7 @@ class SearchJSONRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     image_base64: str | None = None
     text: str | None = Field(default=None, examples=["a small blue square on a white background"])
-    k: int = Field(default=10, ge=1)
+    k: Count = Field(default=10, ge=1)
     filter: dict[str, FilterValue] | None = Field(
         default=None, description="Metadata equality filter: every key must match exactly."
     )
@@ -171,7 +183,7 @@ class ClassifyBatchItem(BaseModel):
     image_base64: str = Field(min_length=1, description="Base64 of the image file bytes (JPEG, PNG, WebP, BMP, GIF).",
                               examples=[_PNG_1PX])
     text: str = Field(examples=["what color is the circle?"])
-    top_k: int | None = Field(default=None, ge=1, description="Return only the best k labels (default: all).")
+    top_k: Count | None = Field(default=None, ge=1, description="Return only the best k labels (default: all).")
 
 
 class ClassifyBatchRequest(BaseModel):

@@ -58,6 +58,8 @@ REJECTED = Counter("mmfusion_rejected_total", "Requests refused because a batchi
                    ["graph", "reason"])
 REJECT_REASONS = ("queue_full", "queue_wait")
 CANCELLED = Counter("mmfusion_cancelled_total", "Queued requests dropped unrun (caller went away)", ["graph"])
+BATCH_RETRIES = Counter("mmfusion_batch_retries_total",
+                        "Merged batches that failed and were re-run one request at a time", ["graph"])
 TEXT_CACHE = Counter("mmfusion_text_cache_total", "Text-encoder cache lookups per text row", ["result"])
 TEXT_CACHE_ENTRIES = Gauge("mmfusion_text_cache_entries", "Text-encoder outputs held in the cache")
 QUEUE_DEPTH = Gauge("mmfusion_queue_depth", "Work items waiting for a worker thread", ["stage"])

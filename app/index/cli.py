@@ -358,6 +358,10 @@ def plan_item(item_id: str, text: str | None, metadata: dict[str, Any]) -> Plan:
     from app.api.routes.search import SOURCE_KEY
 
     plan = Plan(id=item_id, text=text, metadata=metadata)
+    if item_id in (".", ".."):  # stored before such ids were refused; a new index cannot take them
+        plan.problem = (f"id {item_id!r} can no longer be written (clients drop it from URLs); "
+                        "re-add it under another id")
+        return plan
     source = metadata.get(SOURCE_KEY)
     if not isinstance(source, dict) or not isinstance(source.get("embedded_from"), str):
         plan.problem = ("no recorded source (the item was not added through the API or `mmfusion index import`, "
@@ -401,10 +405,13 @@ def cmd_stats(args: argparse.Namespace) -> int:
     path = settings.index_path
     out: dict[str, Any] = {"path": str(path), "exists": (path / "index.json").is_file()}
     loaded = None
+    loaded_fingerprint: str | None = None
     try:
         bm = load_bundle_manifest(settings.bundle, check_hashes=False)
         loaded = (bm.name, bm.version, bm.embedding_dim)
-        out["loaded_bundle"] = {"name": bm.name, "version": bm.version, "dim": bm.embedding_dim}
+        loaded_fingerprint = bm.embedding_fingerprint()
+        out["loaded_bundle"] = {"name": bm.name, "version": bm.version, "dim": bm.embedding_dim,
+                                "embedding_fingerprint": loaded_fingerprint}
     except MMFusionError as exc:
         out["loaded_bundle"] = None
         out["bundle_problem"] = str(exc)
@@ -420,7 +427,10 @@ def cmd_stats(args: argparse.Namespace) -> int:
         return 1
     out["index_bundle"] = {"name": ident.bundle_name, "version": ident.bundle_version, "dim": ident.dim,
                            "embedding_fingerprint": ident.embedding_fingerprint}
-    out["compatible"] = None if loaded is None else loaded == ident.identity
+    # As the server decides: the same name, version and dimension, and no differing fingerprint (an index
+    # written before fingerprints has none to compare).
+    out["compatible"] = None if loaded is None else loaded == ident.identity and (
+        ident.embedding_fingerprint is None or ident.embedding_fingerprint == loaded_fingerprint)
     if out["compatible"] is False:
         out["problem"] = ("the index was built by another bundle than --bundle / MMFUSION_BUNDLE; "
                           "run `mmfusion index rebuild` to re-embed it")

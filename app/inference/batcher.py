@@ -322,15 +322,21 @@ class GraphBatcher(Generic[P, R]):
             if len(batch) == 1:
                 log.exception("%s request failed", self.name)
                 return [(None, exc)], None
-            log.warning("%s batch of %d requests failed (%s); running them one at a time",
-                        self.name, len(batch), type(exc).__name__)
+            # With its traceback: a failure that only merged batches show (padding, concatenation) is a
+            # bug to fix, not only a request to retry.
+            log.warning("%s batch of %d requests failed; running them one at a time", self.name, len(batch),
+                        exc_info=True)
+            metrics.BATCH_RETRIES.labels(self.name).inc()
         outcomes: list[tuple[R | None, BaseException | None]] = []
         per_row = None
         for entry in batch:
+            if entry.future.done():  # its caller is gone (cancelled, past its deadline): nothing to retry for
+                outcomes.append((None, None))
+                continue
             try:
                 (result,), per_row = self._call_graph([entry])
                 outcomes.append((result, None))
             except BaseException as exc:
-                log.exception("%s request failed", self.name)
+                log.warning("%s request failed alone too: %s: %s", self.name, type(exc).__name__, exc)
                 outcomes.append((None, exc))
         return outcomes, per_row

@@ -337,6 +337,7 @@ def test_a_failing_batch_fails_only_the_request_that_fails_alone_and_the_next_ba
             await bad
         assert await after == "done:after"
         assert rec.batches[1:4] == [["ok", "bad"], ["ok"], ["bad"]]
+        assert sample("mmfusion_batch_retries_total", {"graph": "unit"}) >= 1
         assert batcher._running_rows == 0 and batcher._queued_rows == 0
         assert batcher._row_s > 0
 

@@ -153,6 +153,18 @@ def test_stats_prints_json_with_identity_compatibility_and_sources(settings, man
     assert "mmfusion index rebuild" in other["problem"]
 
 
+def test_stats_calls_an_index_of_other_weights_under_the_same_name_incompatible(settings, capsys) -> None:
+    # As the server decides: name, version and dimension match, the embedding fingerprint does not.
+    manifest = load_bundle_manifest(settings.bundle)
+    with VectorIndex.open(settings.index_path, bundle_name=manifest.name, bundle_version=manifest.version,
+                          dim=manifest.embedding_dim, embedding_fingerprint="0123456789abcdef") as index:
+        index.add("a", np.ones(manifest.embedding_dim))
+    code, stats = run_json(capsys, "stats", *index_args(settings))
+    assert code == 0
+    assert stats["compatible"] is False and "mmfusion index rebuild" in stats["problem"]
+    assert stats["loaded_bundle"]["embedding_fingerprint"] == manifest.embedding_fingerprint()
+
+
 def test_stats_of_a_missing_index_exits_1(settings, capsys) -> None:
     code, stats = run_json(capsys, "stats", *index_args(settings))
     assert code == 1

@@ -282,13 +282,19 @@ def test_json_body_that_is_not_an_object_is_422_naming_the_json_type(api: TestCl
     assert err["message"] == f"body must be a JSON object, not {name}"
 
 
-@pytest.mark.parametrize("value", [True, "3", 3.0])
+@pytest.mark.parametrize("value", [True, "3", 2.5])
 def test_json_numbers_are_strict_no_bool_or_string_coercion(api: TestClient, value: object) -> None:
     # Lax validation would read true as top_k=1 and "3" as 3: a client bug answered as if it were meant.
     err = assert_error(api.post("/v1/classify", json={"image_base64": PNG_B64, "text": "hi", "top_k": value}),
                        422, "invalid_field", "top_k")
     assert "valid integer" in err["message"]
     assert_error(api.post("/v1/search", json={"text": "hi", "k": value}), 422, "invalid_field", "k")
+
+
+def test_an_integer_valued_float_is_still_a_count(api: TestClient) -> None:
+    # JavaScript numbers and Java doubles serialise 2 as 2.0.
+    r = api.post("/v1/classify", json={"image_base64": PNG_B64, "text": "hi", "top_k": 2.0})
+    assert r.status_code == 200 and len(r.json()["predictions"]) == 2, r.text
 
 
 @pytest.mark.parametrize(("value", "name"), [(None, "null"), ({"a": 1}, "object"), ([1], "array")])

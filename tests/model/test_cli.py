@@ -229,3 +229,14 @@ def test_a_label_with_a_couple_of_rows_among_common_ones_is_flagged_as_a_likely_
         assert warn_about_rare_labels(rows) == ["bleu"]
     assert "'bleu' has 1 training row(s)" in caplog.text
     assert warn_about_rare_labels(rows[:6]) == []  # a small dataset: nothing is "rare"
+
+
+def test_a_finished_run_with_a_config_the_new_checks_refuse_still_loads() -> None:
+    # Runs trained before the checks (e.g. with a misspelled metric) must still export and evaluate;
+    # only a run about to train is validated.
+    old = TrainConfig.from_dict({**TrainConfig().to_dict(), "early_stopping_metric": "val_f1"})
+    assert old.early_stopping_metric == "val_f1"
+    from model.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="val_f1"):
+        old.validate()
