@@ -51,6 +51,14 @@ def server_ratios(server: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def _spreads(a: dict[str, Any], b: dict[str, Any]) -> str:
+    """``; windows: a-b vs c-d req/s`` when the levels are medians of several windows (``--repeats``)."""
+    if not (a.get("spread_rps") and b.get("spread_rps")):
+        return ""
+    (a0, a1), (b0, b1) = a["spread_rps"], b["spread_rps"]
+    return f"; {a.get('windows')} windows: {a0}-{a1} vs {b0}-{b1} req/s"
+
+
 def acceptance(result: dict[str, Any]) -> list[dict[str, Any]]:
     """Issue 5's acceptance points that this benchmark measures, judged from this run's numbers only."""
     checks: list[dict[str, Any]] = []
@@ -92,14 +100,14 @@ def acceptance(result: dict[str, Any]) -> list[dict[str, Any]]:
         if mm16 and nv16:
             v = mm16["throughput_rps"] / nv16["throughput_rps"] if nv16["throughput_rps"] else None
             add("mmfusion at 16 clients >= 5x the naive baseline",
-                f"{_fmt(v)}x ({mm16['throughput_rps']} vs {nv16['throughput_rps']} req/s)",
+                f"{_fmt(v)}x ({mm16['throughput_rps']} vs {nv16['throughput_rps']} req/s){_spreads(mm16, nv16)}",
                 None if v is None else v >= 5)
         if mm16 and ls16:
             ok = (mm16["throughput_rps"] > ls16["throughput_rps"] and mm16["p99_ms"] is not None
                   and ls16["p99_ms"] is not None and mm16["p99_ms"] <= ls16["p99_ms"])
             add("mmfusion at 16 clients ahead of LitServe at equal or lower p99",
                 f"{mm16['throughput_rps']} vs {ls16['throughput_rps']} req/s, p99 {mm16['p99_ms']} vs "
-                f"{ls16['p99_ms']} ms", ok)
+                f"{ls16['p99_ms']} ms" + _spreads(mm16, ls16), ok)
         mm1, in1 = _level(cls.get("mmfusion"), 1), _level(cls.get("inprocess"), 1)
         if mm1 and in1 and mm1["p50_ms"] and in1["p50_ms"]:
             v = mm1["p50_ms"] / in1["p50_ms"]
@@ -168,10 +176,14 @@ def markdown(result: dict[str, Any]) -> str:
         plan = sv["plan"]
         st = sv.get("mmfusion_settings") or {}
         lines += ["### Server level (closed loop, real HTTP; in-process = no HTTP)", "",
-                  f"{plan['warmup_s']} s warm-up + {plan['duration_s']} s window per level, servers interleaved by "
+                  f"{plan['warmup_s']} s warm-up + {plan['duration_s']} s window per level"
+                  + (f" (median of {plan['repeats']} windows by req/s)" if plan.get("repeats", 1) > 1 else "")
+                  + ", servers interleaved by "
                   f"client count; images {', '.join(f'{k} ({v:,} bytes)' for k, v in sv['images'].items())}; "
                   "mmfusion settings: " + ", ".join(f"{k}={v}" for k, v in st.items()) + "; LitServe max_batch_size="
-                  f"{sv['litserve']['max_batch_size']}, batch_timeout={sv['litserve']['batch_timeout_s']} s.", "",
+                  f"{sv['litserve']['max_batch_size']}, batch_timeout={sv['litserve']['batch_timeout_s']} s, "
+                  f"workers={sv['litserve'].get('workers', 1)}; text cache of every pipeline server: "
+                  f"{sv.get('text_cache_size', 'default')}.", "",
                   "| workload | server | clients | req/s | p50 ms | p95 ms | p99 ms | errors | client CPU ms/req "
                   "| CPU steal % |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for workload, by_server in sv["workloads"].items():

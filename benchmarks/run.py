@@ -58,14 +58,14 @@ MODES: dict[str, dict[str, Any]] = {
     "quick": {
         "batches": (1, 8, 32), "eager_batches": (1, 8),
         "model_budget": {"min_reps": 5, "min_seconds": 0.6, "max_seconds": 2.5},
-        "concurrency": (1, 4, 16), "side_concurrency": (1, 16), "warmup_s": 1.0, "duration_s": 4.0,
+        "concurrency": (1, 4, 16), "side_concurrency": (1, 16), "warmup_s": 1.0, "duration_s": 4.0, "repeats": 1,
         "large_image": False, "index_n": 200_000, "index_queries": 30, "index_batches": 3,
     },
     "full": {
         "batches": (1, 8, 32), "eager_batches": (1, 8, 32),
         "model_budget": {"min_reps": 5, "min_seconds": 1.0, "max_seconds": 20.0},
         "concurrency": (1, 4, 16, 64), "side_concurrency": (1, 4, 16, 64), "warmup_s": 3.0, "duration_s": 15.0,
-        "large_image": True, "index_n": 1_000_000, "index_queries": 200, "index_batches": 20,
+        "repeats": 3, "large_image": True, "index_n": 1_000_000, "index_queries": 200, "index_batches": 20,
     },
 }
 SERVERS = ("mmfusion", "inprocess", "naive_torch", "litserve")
@@ -103,6 +103,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--servers", default=",".join(SERVERS), help=f"comma list of {SERVERS}")
     p.add_argument("--concurrency", default=None, help="override the client counts, e.g. 1,16")
     p.add_argument("--duration", type=float, default=None, help="override the measurement window per level (s)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="classify windows per server and client count, interleaved; each level reports the median "
+                   "window by throughput and the spread of all (default: 1 quick, 3 full)")
     p.add_argument("--warmup", type=float, default=None, help="override the warm-up per level (s)")
     p.add_argument("--batches", default=None, help="override the model-level batch sizes, e.g. 1,8")
     p.add_argument("--eager-batches", default=None, help="override the batch sizes eager PyTorch is timed at")
@@ -209,6 +212,7 @@ async def run_servers(args: argparse.Namespace, cfg: dict[str, Any], servers: li
     startup: dict[str, float] = {}
     notes: list[str] = []
     workdir = sl.tempdir()
+    repeats = max(1, args.repeats if args.repeats is not None else cfg["repeats"])
 
     def multipart(path: str, jpeg: bytes, with_text: bool = True) -> sl.Body:
         return sl.multipart_body(path, {"image": ("photo.jpg", jpeg, "image/jpeg")},
@@ -260,7 +264,8 @@ async def run_servers(args: argparse.Namespace, cfg: dict[str, Any], servers: li
                                       image_instances=settings.image_encoder_instances)
             decode_pool = ThreadPoolExecutor(settings.resolved_decode_threads(), thread_name_prefix="decode")
 
-        for key, jpeg in images.items():
+        windows: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+        for key, jpeg in [(k, v) for _ in range(repeats) for k, v in images.items()]:
             workload = f"classify_{key}"
             for c in plan.concurrency:
                 log(f"  {workload} at {c} clients: " + ", ".join(
@@ -289,7 +294,12 @@ async def run_servers(args: argparse.Namespace, cfg: dict[str, Any], servers: li
                             procs[name].suspend()
                     else:
                         continue
-                    workloads[workload].setdefault(name, []).append(level)
+                    windows.setdefault((workload, name, c), []).append(level)
+        for (workload, name, _), levels in windows.items():  # in insertion order: concurrency ascending
+            workloads[workload].setdefault(name, []).append(sl.median_window(levels))
+        if repeats > 1:
+            notes.append(f"{repeats} interleaved windows per server and client count; each row is the median window by "
+                         "throughput, `spread_rps` / `spread_p99_ms` in the JSON hold the range of all of them")
         if pipe is not None:
             await batched.aclose()
             decode_pool.shutdown(wait=True)
@@ -323,7 +333,8 @@ async def run_servers(args: argparse.Namespace, cfg: dict[str, Any], servers: li
                      "per level); the in-process ceiling pays none of it")
     server = {
         "plan": {"concurrency": list(plan.concurrency), "side_concurrency": list(side), "warmup_s": plan.warmup_s,
-                 "duration_s": plan.duration_s, "order": "interleaved by client count, one server loaded at a time",
+                 "duration_s": plan.duration_s, "repeats": repeats,
+                 "order": "interleaved by client count, one server loaded at a time",
                  "idle_servers": idle, "load_client": LOAD_CLIENT_TEXT[args.load_client]},
         "images": {k: len(v) for k, v in images.items()},
         "mmfusion_env": env_pairs,

@@ -282,6 +282,19 @@ def _unique(process: psutil.Process) -> int:
         return process.memory_info().rss
 
 
+def median_window(levels: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The window with the median throughput (the lower one of two middles), with the range of every
+    window's throughput and p99: one 4-second window decides nothing on a VM that drifts by 10 %."""
+    ranked = sorted(levels, key=lambda lv: lv["throughput_rps"])
+    chosen = dict(ranked[(len(ranked) - 1) // 2])
+    if len(levels) > 1:
+        chosen["windows"] = len(levels)
+        chosen["spread_rps"] = [ranked[0]["throughput_rps"], ranked[-1]["throughput_rps"]]
+        p99s = sorted(lv["p99_ms"] for lv in levels if lv.get("p99_ms") is not None)
+        chosen["spread_p99_ms"] = [p99s[0], p99s[-1]] if p99s else None
+    return chosen
+
+
 def mmfusion_server(bundle: Path, workdir: Path, extra_env: Mapping[str, str]) -> ServerProcess:
     port = free_port()
     env = {"MMFUSION_BUNDLE": str(bundle), "MMFUSION_INDEX_PATH": str(workdir / "index"), **extra_env}

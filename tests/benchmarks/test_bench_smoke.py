@@ -148,3 +148,14 @@ def test_gpu_check_reports_why_the_tensorrt_pipeline_did_not_run(tiny_bundle: Pa
         assert gpu_check.tensorrt_pipeline(tiny_bundle, "fp32", [1], args, cpu_pipe, {}, result) is True
     assert "fell back to ['CPUExecutionProvider']" in result["tensorrt"][1]["skipped"]
     assert (tmp_path / "trt-cache").is_dir() and result["parity"] == []
+
+
+def test_a_level_of_several_windows_is_the_median_one_with_the_range_of_all() -> None:
+    from benchmarks.server_level import median_window
+
+    levels = [{"throughput_rps": r, "p99_ms": p, "concurrency": 16} for r, p in ((110, 200), (90, 260), (120, 180))]
+    chosen = median_window(levels)
+    assert chosen["throughput_rps"] == 110 and chosen["p99_ms"] == 200
+    assert chosen["spread_rps"] == [90, 120] and chosen["spread_p99_ms"] == [180, 260] and chosen["windows"] == 3
+    assert "spread_rps" not in median_window(levels[:1])  # one window: nothing to spread
+    assert median_window(levels[:2])["throughput_rps"] == 90  # two middles: the lower one, never the flattering one
