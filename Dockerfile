@@ -17,6 +17,10 @@
 ARG VARIANT=cpu
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 ARG CUDA_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
+# onnxruntime-gpu for that CUDA: 1.26.0 is the last release built for CUDA 12 and cuDNN 9 (its CUDA
+# provider needs libcudart.so.12, libcudnn.so.9; 1.27 and later need CUDA 13). Unpinned, pip took a
+# CUDA 13 build that cannot load on this base, and ONNX Runtime fell back to the CPU.
+ARG ORT_GPU_VERSION=1.26.0
 
 # ---- build the wheel (no extras, no torch) -------------------------------------------------
 FROM ${PYTHON_IMAGE} AS wheel
@@ -33,7 +37,8 @@ RUN python -m venv /opt/venv
 
 # ---- CUDA runtime base (cuDNN included, as onnxruntime-gpu needs) ---------------------------
 FROM ${CUDA_IMAGE} AS base-gpu
-ENV ORT_PACKAGE=onnxruntime-gpu
+ARG ORT_GPU_VERSION
+ENV ORT_PACKAGE=onnxruntime-gpu==${ORT_GPU_VERSION}
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv \
  && rm -rf /var/lib/apt/lists/* \
@@ -53,8 +58,8 @@ COPY --from=wheel /wheels /wheels
 # The base install is the serving stack; for the GPU image, onnxruntime is swapped for
 # onnxruntime-gpu (both provide the same module, so only one may be installed).
 RUN pip install --no-cache-dir /wheels/*.whl \
- && if [ "$ORT_PACKAGE" = "onnxruntime-gpu" ]; then \
-      pip uninstall -y onnxruntime && pip install --no-cache-dir onnxruntime-gpu; fi \
+ && if [ "$ORT_PACKAGE" != "onnxruntime" ]; then \
+      pip uninstall -y onnxruntime && pip install --no-cache-dir "$ORT_PACKAGE"; fi \
  && python -c "import importlib.util as u; assert u.find_spec('torch') is None" \
  && rm -rf /wheels \
  && useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin mmfusion \
@@ -63,6 +68,10 @@ USER 10001
 WORKDIR /tmp
 EXPOSE 8000
 VOLUME ["/data"]
+# A GPU start that cannot use CUDA either fails (MMFUSION_PROVIDERS naming CUDA) or serves on the CPU
+# with an error logged (auto): never the GPU's precision on the CPU. With TensorRT the first start
+# builds engines for minutes: give it a longer --health-start-period. `docker stop` waits 10 s by
+# default and requests may take up to MMFUSION_REQUEST_TIMEOUT_S (30 s): run with --stop-timeout 40.
 HEALTHCHECK --interval=15s --timeout=3s --start-period=30s --retries=3 \
   CMD python -c "import os,urllib.request,sys; port=os.environ.get('MMFUSION_PORT','8000'); sys.exit(0 if urllib.request.urlopen(f'http://127.0.0.1:{port}/readyz', timeout=2).status == 200 else 1)"
 CMD ["mmfusion", "serve"]

@@ -43,6 +43,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from app.bundle.verify import load_bundle_manifest  # noqa: E402
 from app.core.config import Settings  # noqa: E402
+from app.core.errors import BundleError  # noqa: E402
 from app.inference.pipeline import ModelPipeline  # noqa: E402
 from app.inference.runtime import CUDA_OPTIONS  # noqa: E402
 from app.inference.tensorrt import PROVIDER as TENSORRT  # noqa: E402
@@ -68,11 +69,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def cuda_available() -> str | None:
-    """None when CUDA is usable, else why not."""
+def cuda_available(probe: Path | None = None, device_id: int = 0) -> str | None:
+    """None when CUDA is usable, else why not. Listing the CUDA provider is not enough (onnxruntime-gpu
+    always lists it): a session on ``probe`` must really run on it, else ONNX Runtime has fallen back to
+    the CPU (no driver, or CUDA/cuDNN libraries of another major version)."""
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         return (f"this ONNX Runtime ({ort.__version__}, providers {ort.get_available_providers()}) has no CUDA "
                 "provider: install onnxruntime-gpu (benchmarks/gpu_check.sh does) on a machine with an NVIDIA GPU")
+    if hasattr(ort, "preload_dlls"):  # the CUDA/cuDNN wheels of onnxruntime-gpu[cuda,cudnn] (ORT >= 1.21)
+        try:
+            ort.preload_dlls()
+        except Exception as exc:  # reported by the probe below if it matters
+            print(f"gpu_check: preloading the CUDA libraries failed: {exc}", file=sys.stderr)
+    if probe is not None:
+        try:
+            sess = ort.InferenceSession(str(probe), providers=[("CUDAExecutionProvider", {"device_id": device_id}),
+                                                               "CPUExecutionProvider"])
+        except Exception as exc:
+            return f"ONNX Runtime {ort.__version__} could not create a CUDA session: {exc}"
+        if "CUDAExecutionProvider" not in sess.get_providers():
+            return (f"ONNX Runtime {ort.__version__} lists CUDA but fell back to the CPU (no usable GPU, or CUDA/cuDNN "
+                    "libraries that do not match this onnxruntime-gpu: 1.26 needs CUDA 12, 1.27+ CUDA 13)")
     return None
 
 
@@ -203,12 +220,18 @@ def tensorrt_pipeline(bundle: Path, precision: str, batches: list[int], args: ar
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     DRY_RUN["on"] = args.dry_run_on_cpu
-    why = None if DRY_RUN["on"] else cuda_available()
+    bundle = args.bundle
+    try:
+        manifest = load_bundle_manifest(bundle)
+    except BundleError as exc:
+        print(f"gpu_check: {exc.message} (pass --bundle DIR; building the default bundle needs the training "
+              "extra, e.g. on another machine)", file=sys.stderr)
+        return 2
+    why = None if DRY_RUN["on"] else cuda_available(bundle / manifest.graphs["fusion_head"].variants["fp32"].file,
+                                                    args.device_id)
     if why is not None:
         print(f"gpu_check: no GPU to check: {why}", file=sys.stderr)
         return 2
-    bundle = args.bundle
-    manifest = load_bundle_manifest(bundle)
     batches = [int(b) for b in args.batches.split(",")]
     precisions = [p for p in ("fp32", "fp16") if p in manifest.precisions()]
     cpu = {role: session(bundle / spec.variants["fp32"].file, False, 0) for role, spec in manifest.graphs.items()}

@@ -12,12 +12,20 @@ if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; t
 fi
 VENV="${GPU_VENV:-.venv-gpu}"
 PY="${PYTHON:-python3}"
+# onnxruntime-gpu's CUDA major version must match the machine's: 1.26.0 is the last CUDA 12 build (the
+# Docker image's), 1.27+ are CUDA 13. The [cuda,cudnn] extras bring NVIDIA's CUDA and cuDNN wheels, so
+# only the driver is needed; gpu_check.py preloads them.
+ORT_GPU="${ORT_GPU:-onnxruntime-gpu[cuda,cudnn]==1.26.0}"
+if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+    echo "gpu_check: $PY is Python $("$PY" -c 'import platform; print(platform.python_version())'); mmfusion needs 3.11 or later (set PYTHON=python3.11)." >&2
+    exit 2
+fi
 test -x "$VENV/bin/python" || "$PY" -m venv "$VENV"
-"$VENV/bin/python" -m pip install --disable-pip-version-check -q '.[gpu]'
+"$VENV/bin/python" -m pip install --disable-pip-version-check -q .
 # The base install pulls the CPU `onnxruntime`; it and onnxruntime-gpu ship the same module, so
 # whichever was unpacked last wins. Keep only the GPU build.
 "$VENV/bin/python" -m pip uninstall -q -y onnxruntime
-"$VENV/bin/python" -m pip install --disable-pip-version-check -q --force-reinstall --no-deps onnxruntime-gpu
+"$VENV/bin/python" -m pip install --disable-pip-version-check -q --force-reinstall "$ORT_GPU"
 "$VENV/bin/python" -c "import importlib.util as u; assert u.find_spec('torch') is None, 'torch in the GPU serving venv'"
 # TensorRT (optional): its libraries are not part of the serving install. GPU_CHECK_TENSORRT names the
 # pip requirement that matches this onnxruntime-gpu's TensorRT major version (see ONNX Runtime's

@@ -25,6 +25,7 @@ import numpy as np
 from app.bundle.manifest import BundleManifest
 from app.bundle.verify import load_bundle_manifest
 from app.core.config import Settings
+from app.core.errors import BundleError
 from app.inference.runtime import (
     GraphSession,
     choose_precision,
@@ -97,7 +98,33 @@ class ModelPipeline:
         and the image encoder gets one session per ``MMFUSION_IMAGE_ENCODER_INSTANCES``."""
         self.bundle_dir = Path(bundle_dir)
         self.manifest: BundleManifest = load_bundle_manifest(self.bundle_dir)
-        self.providers = resolve_providers(settings.providers)
+        self._load_graphs(settings, split_threads, resolve_providers(settings.providers))
+        gpus = [p for p in ("CUDAExecutionProvider", TENSORRT) if p in self.providers]
+        if gpus and not any(p in self.active_providers for p in gpus):
+            # ONNX Runtime falls back to the CPU without raising (no GPU visible to the container, or CUDA /
+            # cuDNN libraries that do not match onnxruntime-gpu). Left alone, a GPU image would serve the
+            # precision chosen for CUDA (fp16) on the CPU, slowly, and report itself ready and healthy.
+            why = (f"{gpus} requested but ONNX Runtime used none of them (active: {self.active_providers}): no GPU "
+                   "visible (docker run --gpus all?) or CUDA/cuDNN libraries that do not match onnxruntime-gpu")
+            if settings.providers.strip().lower() != "auto":
+                raise BundleError(f"{why}; set MMFUSION_PROVIDERS=auto or CPUExecutionProvider to serve on the CPU")
+            log.error("%s; serving on the CPU, with the precision chosen for it", why)
+            self._load_graphs(settings, split_threads, ["CPUExecutionProvider"])
+        self.tokenizer = TextTokenizer(
+            self.bundle_dir / self.manifest.text.tokenizer_file, self.manifest.text.max_length,
+            self.manifest.text.pad_id,
+        )
+        self.text_cache = TextCache(settings.text_cache_size)
+        # The server's batching front, set by the app's lifespan (None for offline users).
+        self.batched: BatchedPipeline | None = None
+        # Outputs with a token axis ([batch, sequence, D]) are cut per row; the others are per text.
+        self._token_outputs = {
+            t.name for t in self.manifest.graphs["text_encoder"].outputs if len(t.shape) == 3
+        }
+
+    def _load_graphs(self, settings: Settings, split_threads: bool, providers: list[str]) -> None:
+        """Choose the precision for ``providers`` and load every session (see ``__init__``)."""
+        self.providers = providers
         self.precision = choose_precision(self.manifest, settings.precision, self.providers)
         instances = settings.image_encoder_instances if split_threads else 1
         threads = settings.resolved_intra_op_threads()
@@ -115,22 +142,7 @@ class ModelPipeline:
                                spinning=settings.intra_op_spinning, tensorrt=self._tensorrt_config(settings))
             for _ in range(instances - 1)
         ]
-        self.tokenizer = TextTokenizer(
-            self.bundle_dir / self.manifest.text.tokenizer_file, self.manifest.text.max_length,
-            self.manifest.text.pad_id,
-        )
-        active = sorted({p for s in self.sessions.values() for p in s.session.get_providers()})
-        for gpu in ("CUDAExecutionProvider", TENSORRT):
-            if gpu in self.providers and gpu not in active:
-                log.error("%s was requested but ONNX Runtime did not use it for any graph (active: %s)", gpu, active)
-        self.active_providers = active
-        self.text_cache = TextCache(settings.text_cache_size)
-        # The server's batching front, set by the app's lifespan (None for offline users).
-        self.batched: BatchedPipeline | None = None
-        # Outputs with a token axis ([batch, sequence, D]) are cut per row; the others are per text.
-        self._token_outputs = {
-            t.name for t in self.manifest.graphs["text_encoder"].outputs if len(t.shape) == 3
-        }
+        self.active_providers = sorted({p for s in self.sessions.values() for p in s.session.get_providers()})
 
     def _tensorrt_config(self, settings: Settings) -> TensorRTConfig | None:
         if TENSORRT not in self.providers:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from app.bundle.manifest import GraphSpec, TensorSpec
+from app.core.config import Settings
 from app.core.errors import BundleError
 from app.inference.tensorrt import TensorRTConfig, profile_shapes, tensorrt_options
 
@@ -109,3 +110,20 @@ def test_an_unwritable_engine_cache_fails_at_start_naming_the_setting(tiny_bundl
     cfg = TensorRTConfig(cache_dir=blocker / "engines", max_batch=8, max_tokens=manifest.text.max_length)
     with pytest.raises(BundleError, match="MMFUSION_TRT_CACHE_DIR"):
         load_sessions(tiny_bundle, manifest, providers=[TRT, CPU], precision="fp32", intra_op_threads=1, tensorrt=cfg)
+
+
+def test_a_gpu_onnx_runtime_cannot_use_is_never_served_silently(tiny_bundle: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    # onnxruntime-gpu without a usable GPU (no --gpus, CUDA libraries of another major version) falls back
+    # to the CPU with only a warning; the server must not then serve the GPU's precision on the CPU.
+    import onnxruntime as ort
+
+    from app.inference.pipeline import ModelPipeline
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA, CPU])
+    with caplog.at_level("ERROR", logger="mmfusion.pipeline"):
+        pipe = ModelPipeline(tiny_bundle, Settings(bundle=tiny_bundle, index_path=tmp_path / "index"))
+    assert pipe.providers == [CPU] and pipe.active_providers == [CPU]
+    assert "serving on the CPU" in caplog.text
+    with pytest.raises(BundleError, match="MMFUSION_PROVIDERS"):
+        ModelPipeline(tiny_bundle, Settings(bundle=tiny_bundle, index_path=tmp_path / "index", providers=CUDA))

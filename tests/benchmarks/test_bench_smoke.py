@@ -69,6 +69,24 @@ def test_gpu_check_exits_2_with_a_clear_message_without_cuda(tiny_bundle: Path, 
     assert not (tmp_path / "gpu.json").exists()
 
 
+def test_gpu_check_exits_2_when_onnx_runtime_lists_cuda_but_falls_back_to_the_cpu(tiny_bundle: Path, tmp_path: Path,
+                                                                                   monkeypatch, capsys):
+    # onnxruntime-gpu always lists CUDA; a session that cannot load its libraries silently runs on the CPU.
+    from benchmarks import gpu_check
+
+    monkeypatch.setattr(gpu_check.ort, "get_available_providers", lambda: ["CUDAExecutionProvider",
+                                                                           "CPUExecutionProvider"])
+    assert gpu_check.main(["--bundle", str(tiny_bundle), "--out", str(tmp_path / "gpu.json")]) == 2
+    assert "fell back to the CPU" in capsys.readouterr().err
+
+
+def test_gpu_check_without_a_bundle_exits_2_naming_the_option(tmp_path: Path, capsys):
+    from benchmarks import gpu_check
+
+    assert gpu_check.main(["--bundle", str(tmp_path / "none"), "--dry-run-on-cpu"]) == 2
+    assert "--bundle" in capsys.readouterr().err
+
+
 def test_gpu_check_dry_run_reports_parity_and_timings_per_graph(tiny_bundle: Path, tmp_path: Path):
     from benchmarks import gpu_check
 
@@ -146,7 +164,9 @@ def test_gpu_check_reports_why_the_tensorrt_pipeline_did_not_run(tiny_bundle: Pa
     monkeypatch.setattr(gpu_check.ort, "get_available_providers", lambda: offered)
     with pytest.warns(UserWarning):
         assert gpu_check.tensorrt_pipeline(tiny_bundle, "fp32", [1], args, cpu_pipe, {}, result) is True
-    assert "fell back to ['CPUExecutionProvider']" in result["tensorrt"][1]["skipped"]
+    # Offered, but its libraries are absent: ONNX Runtime falls back, and the pipeline refuses to serve an
+    # explicitly requested GPU provider on the CPU.
+    assert "requested but ONNX Runtime used none of them" in result["tensorrt"][1]["skipped"]
     assert (tmp_path / "trt-cache").is_dir() and result["parity"] == []
 
 
