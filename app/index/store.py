@@ -81,7 +81,7 @@ from app.index.wal import (
     write_snapshot,
 )
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("mmfusion.index")  # under "mmfusion": the service's JSON log lines
 
 JSONScalar: TypeAlias = str | int | float | bool | None
 JSONValue: TypeAlias = JSONScalar | list["JSONValue"] | dict[str, "JSONValue"]

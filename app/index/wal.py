@@ -64,7 +64,7 @@ try:  # POSIX only; elsewhere the directory is simply not locked.
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("mmfusion.index")  # under "mmfusion": the service's JSON log lines
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "index.json"

@@ -462,7 +462,7 @@ def test_torn_last_wal_record_is_dropped(tmp_path: Path, cut: str, caplog: pytes
     else:
         data[-3] ^= 0xFF
     wal.write_bytes(bytes(data))
-    with caplog.at_level(logging.WARNING, logger="app.index.wal"):
+    with caplog.at_level(logging.WARNING, logger="mmfusion.index"):
         index = open_index(path, 8)
     assert index.count == expected
     assert "w28" in index and ("w29" in index) == (expected == 30)
@@ -565,7 +565,7 @@ def test_an_index_from_before_fingerprints_opens_and_records_the_loaded_one(tmp_
     with VectorIndex.open(path, **BUNDLE, dim=8) as index:
         index.add("a", np.ones(8))
     assert "embedding_fingerprint" not in (path / MANIFEST_FILE).read_text()
-    with caplog.at_level("WARNING", logger="app.index.store"), \
+    with caplog.at_level("WARNING", logger="mmfusion.index"), \
             VectorIndex.open(path, **BUNDLE, dim=8, embedding_fingerprint="aaaa") as index:
         assert index.count == 1
     assert "predates embedding fingerprints" in caplog.text
