@@ -239,12 +239,14 @@ async def run_servers(args: argparse.Namespace, cfg: dict[str, Any], servers: li
         else:
             notes.append("litserve not installed: install the bench extra (pip install -c constraints.txt '.[bench]')")
     idle_rss: dict[str, int] = {}
+    answers: dict[str, str | None] = {}
     try:
         for name, proc in list(procs.items()):
             log(f"  {name}: starting")
             try:  # start-up is timed one server at a time, with the others suspended
                 startup[name] = round(proc.start(), 3)
                 idle_rss[name] = proc.sample_rss()
+                answers[name] = sl.top_label(proc, bodies[name][next(iter(images))])
                 proc.suspend()
             except Exception as exc:  # one failing baseline must not lose the others' figures
                 notes.append(f"{name} failed to start: {type(exc).__name__}: {exc}"[:1500])
@@ -260,6 +262,9 @@ async def run_servers(args: argparse.Namespace, cfg: dict[str, Any], servers: li
             settings = server_settings(env_pairs, bundle=args.bundle, index_path=workdir / "inprocess-index")
             pipe = ModelPipeline(args.bundle, settings, split_threads=True)
             pipe.warmup()
+            first = decode_image(next(iter(images.values())), pipe.manifest.image,
+                                 max_pixels=settings.max_image_pixels)
+            answers["inprocess"] = pipe.manifest.labels[int(pipe.classify(first[None], [text])[0][0].argmax())]
             batched = BatchedPipeline(pipe, batching_config(settings),
                                       image_instances=settings.image_encoder_instances)
             decode_pool = ThreadPoolExecutor(settings.resolved_decode_threads(), thread_name_prefix="decode")
@@ -324,6 +329,14 @@ async def run_servers(args: argparse.Namespace, cfg: dict[str, Any], servers: li
     idle = "idle servers suspended (SIGSTOP) while another is measured, started and timed one at a time"
     client_cpu = [lv["client_cpu_ms_per_request"] for by_server in workloads.values() for levels in by_server.values()
                   for lv in levels if lv.get("client_cpu_ms_per_request") is not None]
+    same_model = {n: a for n, a in answers.items() if n != "naive_torch" or args.run is not None}
+    if len(set(same_model.values())) > 1:
+        notes.append(f"WARNING: the servers answer the first request differently ({answers}): the load levels count "
+                     "HTTP statuses only")
+    elif answers:
+        label = next(iter(same_model.values()), None)
+        notes.append(f"every server answers the first request with the same top label ({label!r})"
+                     + ("" if args.run is not None else "; naive_torch not compared: a random head without --run"))
     if procs:
         notes.append(f"{idle}: an idle LitServe polls at ~0.2 of a core and eager PyTorch's OpenMP threads slow down "
                      "many times over when a core is taken, so no server pays for another one")
@@ -343,6 +356,7 @@ async def run_servers(args: argparse.Namespace, cfg: dict[str, Any], servers: li
                      "workers": args.litserve_workers,
                      "body": "JSON with base64 image (LitServe cannot pickle a multipart upload into its queue)"},
         "text_cache_size": args.text_cache_size,
+        "answers": answers,
         "inprocess": "the server's BatchedPipeline and decode pool, called without HTTP",
         "workloads": workloads,
         "startup_s": startup,

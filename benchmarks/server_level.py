@@ -61,6 +61,16 @@ def multipart_body(path: str, files: Mapping[str, tuple[str, bytes, str]], data:
     return Body(path, content, {"content-type": request.headers["content-type"]})
 
 
+def top_label(server: ServerProcess, body: Body) -> str | None:
+    """The best label a server answers to ``body`` (one request, before any load): the load levels count
+    statuses only, so a server answering 200 with a wrong body must be caught here."""
+    try:
+        r = httpx.post(server.base_url + body.path, content=body.content, headers=body.headers, timeout=60)
+        return str(r.json()["predictions"][0]["label"]) if r.status_code == 200 else f"HTTP {r.status_code}"
+    except (httpx.HTTPError, ValueError, KeyError, IndexError) as exc:
+        return f"unreadable answer ({type(exc).__name__})"
+
+
 def json_body(path: str, payload: Mapping[str, Any]) -> Body:
     request = httpx.Request("POST", "http://x" + path, json=dict(payload))
     return Body(path, request.read(), {"content-type": "application/json"})
