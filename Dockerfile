@@ -73,5 +73,5 @@ VOLUME ["/data"]
 # builds engines for minutes: give it a longer --health-start-period. `docker stop` waits 10 s by
 # default and requests may take up to MMFUSION_REQUEST_TIMEOUT_S (30 s): run with --stop-timeout 40.
 HEALTHCHECK --interval=15s --timeout=3s --start-period=30s --retries=3 \
-  CMD python -c "import os,urllib.request,sys; port=os.environ.get('MMFUSION_PORT','8000'); sys.exit(0 if urllib.request.urlopen(f'http://127.0.0.1:{port}/readyz', timeout=2).status == 200 else 1)"
+  CMD python -c "import os,urllib.request as u,sys; port=os.environ.get('MMFUSION_PORT','8000'); sys.exit(0 if u.build_opener(u.ProxyHandler({})).open(f'http://127.0.0.1:{port}/readyz', timeout=2).status == 200 else 1)"
 CMD ["mmfusion", "serve"]
