@@ -117,10 +117,11 @@ class Settings(BaseSettings):
     )
     image_encoder_instances: int = Field(
         default=1, ge=1, le=16,
-        description="Inference threads of the image encoder on its one queue (Triton's instance_group count), each "
-        "with its own session and an equal share of the image threads: with 2, the next batch starts while one "
-        "runs. 2 CPU cores, text cache off: 16 clients 118-120 req/s instead of 102-112 (on par with LitServe's 2 "
-        "workers), 1 client p50 16-18 ms instead of 13 (a 1-thread session); default 1 (latency first).",
+        description="Inference threads of the image encoder on its one queue (Triton's instance_group count): with 2, "
+        "a second batch starts beside a running one, each then on its own session with half the threads, while a "
+        "batch that runs alone keeps every thread. 2 CPU cores, text cache off: 16 clients 116-117 req/s instead "
+        "of 108 (LitServe's best 117-118) but p99 231-256 ms instead of 199; 1 client p50 13.3-14.9 ms instead "
+        "of 13.1; default 1.",
     )
     text_cache_size: int = Field(
         default=1024, ge=0,

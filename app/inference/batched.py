@@ -118,7 +118,8 @@ class BatchedPipeline:
         if self._largest[role] <= SHRINK_AFTER_ROWS:
             return
         self._largest[role] = 0
-        sessions = self.pipeline.image_sessions if role == "image_encoder" else [self.pipeline.sessions[role]]
+        sessions = [self.pipeline.sessions[role]] + (self.pipeline.image_sessions if role == "image_encoder" else [])
+        sessions = list({id(s): s for s in sessions}.values())
         for session in sessions:  # idle: no inference thread runs any of them now (GraphBatcher's on_idle)
             session.run(dummy_feeds(session.spec, batch=1), shrink_arena=True)
         release_free_heap()  # the request path's buffers of the same burst (app/core/memory.py)
@@ -126,7 +127,10 @@ class BatchedPipeline:
     def _run_images(self, payloads: Sequence[np.ndarray]) -> list[ImageOutputs]:
         merged = payloads[0] if len(payloads) == 1 else np.concatenate(payloads)
         self._note_rows("image_encoder", len(merged))
-        instance = self.image.current_instance() % len(self.pipeline.image_sessions)
+        # Alone, a batch runs on the session with every thread (the lowest latency); beside another
+        # instance's batch, on this instance's share (two batches, the threads the cores have).
+        instance = None if self.image.running_batches <= 1 else (
+            self.image.current_instance() % len(self.pipeline.image_sessions))
         if self.per_row["image_encoder"] and len(merged) > 1:
             out = _concat([self.pipeline.encode_images(merged[i:i + 1], instance=instance)
                            for i in range(len(merged))])

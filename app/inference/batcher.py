@@ -26,9 +26,12 @@ Results go back to the caller's event loop with ``loop.call_soon_threadsafe``; t
 never blocks on inference.
 
 ``instances`` (Triton's ``instance_group`` count) gives a graph more than one inference thread on the
-same queue: while one batch runs, the next one starts instead of waiting. :meth:`current_instance`
-tells the batch function which instance calls it, so that each has its own session
-(``Settings.image_encoder_instances``; measured there).
+same queue: while one batch runs, the next one starts instead of waiting. Instance 0 takes every batch
+it can; the others are *overflow* instances that take a batch only while another one is running, so a
+light load runs on instance 0 alone. :meth:`current_instance` and :attr:`running_batches` let the
+batch function pick a session: the image encoder runs a batch that is alone on a session with every
+thread, and batches that run side by side on one-thread sessions (``Settings.image_encoder_instances``,
+measured there).
 """
 
 from __future__ import annotations
@@ -118,6 +121,7 @@ class GraphBatcher(Generic[P, R]):
         self._closing = False
         self._row_s = 0.0  # exponential average of run time per row: the queue's time bound and Retry-After
         self._running_rows = 0  # rows of the batches being run now (all instances)
+        self._running_batches = 0  # batches being run now (one per busy instance)
         # Rows queued, kept as a count (under _cond) so that refuse_if_full, called from the event loop
         # without the lock, never iterates a deque an inference thread is popping from.
         self._queued_rows = 0
@@ -137,6 +141,11 @@ class GraphBatcher(Generic[P, R]):
     def instances(self) -> int:
         """Inference threads draining this queue."""
         return len(self._threads)
+
+    @property
+    def running_batches(self) -> int:
+        """Batches being run now, counting the caller's own when asked from a batch function."""
+        return self._running_batches
 
     def current_instance(self) -> int:
         """The instance (0 .. instances-1) of the inference thread calling; 0 off those threads."""
@@ -199,7 +208,11 @@ class GraphBatcher(Generic[P, R]):
             self._queue.append(entry)
             self._queued_rows += entry.rows
             self._depth.inc()
-            self._cond.notify()
+            # With overflow instances the one woken might have to go back to waiting: every thread looks.
+            if len(self._threads) == 1:
+                self._cond.notify()
+            else:
+                self._cond.notify_all()
         try:
             return await entry.future
         except asyncio.CancelledError:
@@ -235,10 +248,13 @@ class GraphBatcher(Generic[P, R]):
     def _take_batch(self, instance: int = 0) -> list[_Entry[P, R]] | None:
         """Block until a batch is due (Triton's rule) and take it; None once closed and drained,
         ``[]`` when the queue stayed empty for ``idle_s`` after a batch (time for ``on_idle``).
-        ``instance``: which inference thread asks (for :meth:`current_instance`)."""
+        ``instance``: which inference thread asks; an overflow instance (> 0) takes a batch only while
+        another instance runs one."""
         cfg = self.config
         with self._cond:
             while True:
+                while instance and not self._closing and (not self._queue or self._running_batches == 0):
+                    self._cond.wait()  # an overflow instance works only behind a busy one
                 while not self._queue and not self._closing:
                     if self._idle_due and self._on_idle is not None:
                         # Not while another instance still runs a batch on the same session: the
@@ -272,6 +288,9 @@ class GraphBatcher(Generic[P, R]):
                 self._depth.dec(len(batch))
                 self._queued_rows -= rows
                 self._running_rows += rows
+                self._running_batches += 1
+                if len(self._threads) > 1:
+                    self._cond.notify_all()  # an overflow instance may now take what is still queued
                 return batch
 
     def _loop(self, instance: int = 0) -> None:
@@ -295,6 +314,7 @@ class GraphBatcher(Generic[P, R]):
             rows = sum(e.rows for e in batch)
             with self._cond:
                 self._running_rows -= rows
+                self._running_batches -= 1
             if per_row is not None:  # failures are quick and would make the queue look faster than it is
                 self._row_s = per_row if self._row_s <= 0 else 0.8 * self._row_s + 0.2 * per_row
             for entry, (result, error) in zip(batch, outcomes, strict=True):

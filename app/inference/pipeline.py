@@ -131,16 +131,17 @@ class ModelPipeline:
         self.sessions: dict[str, GraphSession] = load_sessions(
             self.bundle_dir, self.manifest, providers=self.providers, precision=self.precision,
             intra_op_threads=threads, split_threads=split_threads,
-            spinning=settings.intra_op_spinning, tensorrt=self._tensorrt_config(settings), image_instances=instances,
+            spinning=settings.intra_op_spinning, tensorrt=self._tensorrt_config(settings),
         )
-        # One image-encoder session per inference thread (Triton's instance_group: each instance its own
-        # copy), so two batches never share one session's thread pool; [0] is sessions["image_encoder"].
-        self.image_sessions: list[GraphSession] = [self.sessions["image_encoder"]] + [
+        # With several image-encoder instances, each also has its own session with its share of the threads
+        # (Triton's instance_group: each instance its own copy) for batches that run side by side;
+        # sessions["image_encoder"], with every thread, runs a batch that runs alone (app.inference.batched).
+        self.image_sessions: list[GraphSession] = [self.sessions["image_encoder"]] if instances == 1 else [
             load_graph_session(self.bundle_dir, "image_encoder", self.manifest.graphs["image_encoder"],
                                providers=self.providers, precision=self.precision,
                                threads=intra_op_split("image_encoder", threads, instances),
                                spinning=settings.intra_op_spinning, tensorrt=self._tensorrt_config(settings))
-            for _ in range(instances - 1)
+            for _ in range(instances)
         ]
         self.active_providers = sorted({p for s in self.sessions.values() for p in s.session.get_providers()})
 
@@ -153,10 +154,12 @@ class ModelPipeline:
         )
 
     # -- encoders -------------------------------------------------------------------------
-    def encode_images(self, pixel_values: np.ndarray, *, shrink_arena: bool = False, instance: int = 0
+    def encode_images(self, pixel_values: np.ndarray, *, shrink_arena: bool = False, instance: int | None = None
                       ) -> dict[str, np.ndarray]:
-        """``instance``: which image-encoder session (one per inference thread of the server)."""
-        return self.image_sessions[instance].run({"pixel_values": pixel_values}, shrink_arena=shrink_arena)
+        """``instance``: run on that instance's share-of-the-threads session (batches side by side);
+        None: on the session with every thread."""
+        session = self.sessions["image_encoder"] if instance is None else self.image_sessions[instance]
+        return session.run({"pixel_values": pixel_values}, shrink_arena=shrink_arena)
 
     def encode_text_rows(self, texts: list[str], *, shrink_arena: bool = False) -> list[TextRow]:
         """Tokenise ``texts`` together, answer repeated ones from the cache, run the rest as one batch.
@@ -252,5 +255,6 @@ class ModelPipeline:
         """One real pass through every graph, so the first client request pays no lazy init."""
         size = self.manifest.image.size
         self.classify(np.zeros((1, 3, size, size), dtype=np.float32), ["warm up"])
-        for instance in range(1, len(self.image_sessions)):
-            self.encode_images(np.zeros((1, 3, size, size), dtype=np.float32), instance=instance)
+        if self.image_sessions != [self.sessions["image_encoder"]]:
+            for instance in range(len(self.image_sessions)):
+                self.encode_images(np.zeros((1, 3, size, size), dtype=np.float32), instance=instance)

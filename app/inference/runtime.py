@@ -179,10 +179,11 @@ def intra_op_split(role: str, budget: int, image_instances: int = 1) -> int:
     int8 fusion head, text cache off): this split gave 62.3 req/s at p50 15.7 ms for 1 client and
     70.7 req/s for 16 clients; every session at 2 threads gave 52.4 req/s at p50 19.3 ms and 60.0 req/s.
 
-    With ``image_instances`` inference threads on the image encoder, each has its own session (as
+    With ``image_instances`` inference threads on the image encoder, each also has its own session (as
     Triton's instance_group gives each instance its own model copy) with ``budget // image_instances``
-    threads: two 2-thread sessions, or one shared, ran four threads on two cores (worse p99), and an
-    all-threads first instance beside a 1-thread second one still ran three (measured: no gain).
+    threads, for batches that run side by side; a batch that runs alone uses the ``budget`` session
+    (app.inference.batched). Two 2-thread sessions side by side, or one shared, ran four threads on two
+    cores (worse p99); an all-threads instance beside a 1-thread one still ran three (no gain).
     """
     if role == "fusion_head":
         return 1
@@ -226,7 +227,6 @@ def provider_options(
 def load_sessions(
     bundle_dir: Path, manifest: BundleManifest, *, providers: list[str], precision: str, intra_op_threads: int,
     split_threads: bool = False, spinning: bool = SPINNING, tensorrt: TensorRTConfig | None = None,
-    image_instances: int = 1,
 ) -> dict[str, GraphSession]:
     """``split_threads``: the graphs will run concurrently (the server's batchers): divide the
     thread budget with :func:`intra_op_split`. Otherwise (offline, one graph at a time) each
@@ -239,7 +239,7 @@ def load_sessions(
     for role, spec in manifest.graphs.items():
         sessions[role] = load_graph_session(
             bundle_dir, role, spec, providers=providers, precision=precision, tensorrt=tensorrt, spinning=spinning,
-            threads=intra_op_split(role, intra_op_threads, image_instances) if split_threads else intra_op_threads)
+            threads=intra_op_split(role, intra_op_threads) if split_threads else intra_op_threads)
     return sessions
 
 

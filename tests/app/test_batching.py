@@ -894,43 +894,52 @@ def test_cuda_gets_heuristic_conv_search_and_copies_on_the_default_stream() -> N
     assert provider_options(["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
 
 
-def test_each_image_encoder_instance_runs_its_own_session_with_its_share_of_the_threads(
+def test_batches_side_by_side_run_on_per_instance_sessions_and_a_lone_batch_on_every_thread(
         tiny_pipeline, tiny_config) -> None:
     # Two inference threads on one 2-thread session ran four threads on two cores (worse p99); each
-    # instance now has its own session (Triton's instance_group) with half the image threads.
+    # instance now has its own session (Triton's instance_group) with half the image threads for batches
+    # that run side by side, and a batch that runs alone keeps the all-threads session (light-load latency).
     bundle = tiny_pipeline.bundle_dir
     pipe = ModelPipeline(bundle, Settings(bundle=bundle, intra_op_threads=2, image_encoder_instances=2,
                                           text_cache_size=0), split_threads=True)
-    first, second = pipe.image_sessions
-    assert first is pipe.sessions["image_encoder"] and second.session is not first.session
+    wide = pipe.sessions["image_encoder"]
+    assert wide.session.get_session_options().intra_op_num_threads == 2
     assert [s.session.get_session_options().intra_op_num_threads for s in pipe.image_sessions] == [1, 1]
+    assert len({id(s.session) for s in (wide, *pipe.image_sessions)}) == 3
     pixels = pixels_of(tiny_config, pipe, [3])
     np.testing.assert_allclose(pipe.encode_images(pixels, instance=1)["image_embedding"],
                                pipe.encode_images(pixels)["image_embedding"], atol=1e-6)
     offline = ModelPipeline(bundle, Settings(bundle=bundle, image_encoder_instances=2))
     assert len(offline.image_sessions) == 1  # offline (no split_threads): one session, whatever the setting
 
-    calls: list[tuple[str, int]] = []
-    both_running = threading.Barrier(2, timeout=5)
+    calls: list[tuple[str, int | None]] = []
+    burst, both_running = threading.Event(), threading.Event()
     real = pipe.encode_images
 
-    def spy(pixel_values: np.ndarray, *, shrink_arena: bool = False, instance: int = 0) -> dict:
+    def spy(pixel_values: np.ndarray, *, shrink_arena: bool = False, instance: int | None = None) -> dict:
         calls.append((threading.current_thread().name, instance))
-        if len(calls) <= 2:
-            both_running.wait()  # the first two batches run at once: one on each inference thread
+        if burst.is_set() and len(calls) == 1:
+            assert both_running.wait(5)  # held until the overflow instance has taken the next batch
+        elif burst.is_set() and len(calls) == 2:
+            both_running.set()
         return real(pixel_values, shrink_arena=shrink_arena, instance=instance)
 
     pipe.encode_images = spy  # type: ignore[method-assign]
     bp = BatchedPipeline(pipe, BatchingConfig(max_batch_size=1), image_instances=2)
 
     async def main() -> None:
+        for _ in range(3):  # light load, one request at a time: instance 0 alone, on every thread
+            await bp.encode_images(pixels)
+        light = list(calls)
+        calls.clear()
+        burst.set()
         await asyncio.gather(*(bp.encode_images(pixels) for _ in range(24)))
         await bp.aclose()
+        assert [instance for _, instance in light] == [None, None, None]
+        assert len({thread for thread, _ in light}) == 1
 
     asyncio.run(main())
-    assert len(calls) == 24 and {calls[0][1], calls[1][1]} == {0, 1}
-    by_thread: dict[str, set[int]] = {}
-    for thread, instance in calls:
-        by_thread.setdefault(thread, set()).add(instance)
-    assert all(len(instances) == 1 for instances in by_thread.values()), by_thread  # a thread keeps its session
+    # The first batch of the burst started alone (all threads); the overflow instance took the second
+    # beside it, on its own 1-thread session.
+    assert len(calls) == 24 and calls[0][1] is None and calls[1][1] == 1 and calls[0][0] != calls[1][0]
 
