@@ -427,10 +427,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         return 1
     out["index_bundle"] = {"name": ident.bundle_name, "version": ident.bundle_version, "dim": ident.dim,
                            "embedding_fingerprint": ident.embedding_fingerprint}
-    # As the server decides: the same name, version and dimension, and no differing fingerprint (an index
-    # written before fingerprints has none to compare).
-    out["compatible"] = None if loaded is None else loaded == ident.identity and (
-        ident.embedding_fingerprint is None or ident.embedding_fingerprint == loaded_fingerprint)
+    out["compatible"] = None if loaded is None else ident.accepts(loaded, loaded_fingerprint)  # as the server decides
     if out["compatible"] is False:
         out["problem"] = ("the index was built by another bundle than --bundle / MMFUSION_BUNDLE; "
                           "run `mmfusion index rebuild` to re-embed it")

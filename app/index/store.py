@@ -459,9 +459,7 @@ class VectorIndex:
             if manifest_path.exists():
                 manifest = IndexManifest.load(manifest_path)
                 recorded = manifest.embedding_fingerprint
-                if manifest.identity != (bundle_name, bundle_version, dim) or (
-                    embedding_fingerprint and recorded and recorded != embedding_fingerprint
-                ):
+                if not manifest.accepts((bundle_name, bundle_version, dim), embedding_fingerprint):
                     raise IndexBundleMismatchError(
                         directory, index_bundle=manifest.identity, loaded_bundle=(bundle_name, bundle_version, dim),
                         index_fingerprint=recorded, loaded_fingerprint=embedding_fingerprint,

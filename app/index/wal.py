@@ -2,7 +2,8 @@
 
 Layout of an index directory::
 
-    index.json     bundle identity: {"format_version", "bundle_name", "bundle_version", "dim", "created_at"}
+    index.json     bundle identity: {"format_version", "bundle_name", "bundle_version", "dim", "created_at",
+                   "embedding_fingerprint" (optional)}
     snapshot.bin   full state at the last compaction (absent until the first one)
     wal.log        every acknowledged change since that snapshot, append-only
     LOCK           flock()ed while a VectorIndex has the directory open
@@ -197,6 +198,14 @@ class IndexManifest:
     @property
     def identity(self) -> tuple[str, str, int]:
         return (self.bundle_name, self.bundle_version, self.dim)
+
+    def accepts(self, identity: tuple[str, str, int], embedding_fingerprint: str | None) -> bool:
+        """Whether vectors of the bundle ``identity`` (name, version, dim) with this fingerprint belong in
+        this index: the same identity, and no differing fingerprint (one side without a fingerprint, an
+        index written before they existed or a caller that has none, cannot differ)."""
+        return self.identity == identity and not (
+            embedding_fingerprint and self.embedding_fingerprint
+            and self.embedding_fingerprint != embedding_fingerprint)
 
     def to_json(self) -> str:
         return json.dumps(

@@ -118,8 +118,8 @@ class BatchedPipeline:
         if self._largest[role] <= SHRINK_AFTER_ROWS:
             return
         self._largest[role] = 0
-        sessions = [self.pipeline.sessions[role]] + (self.pipeline.image_sessions if role == "image_encoder" else [])
-        sessions = list({id(s): s for s in sessions}.values())
+        main = self.pipeline.sessions[role]
+        sessions = [main] + [s for s in self.pipeline.image_sessions if s is not main and role == "image_encoder"]
         for session in sessions:  # idle: no inference thread runs any of them now (GraphBatcher's on_idle)
             session.run(dummy_feeds(session.spec, batch=1), shrink_arena=True)
         release_free_heap()  # the request path's buffers of the same burst (app/core/memory.py)
