@@ -113,6 +113,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.warning(state.keys.describe())
         else:
             log.info(state.keys.describe())
+        # FastAPI builds the OpenAPI schema on first use (~75 ms here); the metrics of requests refused before
+        # routing read it too, so it is built now rather than on the event loop under the first such request.
+        app.openapi()
         if settings.gc_freeze:
             freeze_startup_objects()
         state.ready = True

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -61,7 +62,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--bundle", type=Path, default=REPO_ROOT / "models" / "default")
     p.add_argument("--batches", default="1,8,32")
     p.add_argument("--seconds", type=float, default=1.0, help="minimum timing per cell")
-    p.add_argument("--device-id", type=int, default=0)
+    p.add_argument("--device-id", type=int, default=None,
+                   help="the CUDA device to check (default: the first visible one); applied as CUDA_VISIBLE_DEVICES, "
+                   "as the server is pointed at a GPU, so the raw sessions and the serving pipeline use the same one")
     p.add_argument("--dry-run-on-cpu", action="store_true",
                    help="exercise this script without a GPU: the CPU provider stands in for CUDA (parity is trivially "
                    "1, timings are CPU timings); for testing the script only")
@@ -220,6 +223,11 @@ def tensorrt_pipeline(bundle: Path, precision: str, batches: list[int], args: ar
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     DRY_RUN["on"] = args.dry_run_on_cpu
+    if args.device_id is not None:
+        # The serving pipeline has no device setting (it takes device 0 of what is visible, as the server does),
+        # so the choice is made for the whole process before CUDA is initialised.
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(args.device_id)
+    args.device_id = 0
     bundle = args.bundle
     try:
         manifest = load_bundle_manifest(bundle)

@@ -323,7 +323,7 @@ def export_bundle(
     *,
     which: str = "best",
     real_samples: int = 32,
-    metrics: dict[str, float] | None = None,
+    metrics: dict[str, int | float] | None = None,
     progress: bool = True,
     int8: bool = False,
     int8_options: Int8Options | None = None,
@@ -392,7 +392,10 @@ def export_bundle(
             if progress:
                 print(f"fp16: top-1 agreement with fp32 {fp16_report.top1_agreement:.4f}, min embedding cosine "
                       f"{fp16_report.min_embedding_cosine:.5f} on {fp16_report.samples} samples")
-        all_metrics = {k: float(v) for k, v in (ckpt.get("metrics") or {}).items() if isinstance(v, int | float)}
+        # Counts (the epoch) stay integers; bools are not metrics.
+        all_metrics: dict[str, int | float] = {
+            k: v if isinstance(v, int) else float(v)
+            for k, v in (ckpt.get("metrics") or {}).items() if isinstance(v, int | float) and not isinstance(v, bool)}
         all_metrics.update(metrics or {})
         manifest = BundleManifest(
             name=cfg.name,

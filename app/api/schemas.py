@@ -137,7 +137,7 @@ class ModelInfoResponse(BaseModel):
     graphs: dict[str, GraphInfo]
     image_preprocessing: dict[str, Any]
     text_max_length: int
-    metrics: dict[str, float]
+    metrics: dict[str, int | float]
     parity: dict[str, Any]
     architecture: dict[str, Any]
 

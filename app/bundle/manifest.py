@@ -159,8 +159,9 @@ class BundleManifest(_Strict):
     quality: dict[Precision, VariantQuality] = Field(
         default_factory=dict, description="Per precision variant: agreement with fp32, accuracy."
     )
-    metrics: dict[str, float] = Field(
-        default_factory=dict, description="Flat evaluation metrics on the held-out split, e.g. 'test_accuracy'."
+    metrics: dict[str, int | float] = Field(
+        default_factory=dict, description="Flat evaluation metrics on the held-out split, e.g. 'test_accuracy', "
+        "and the epoch they were measured after (an integer)."
     )
     model: ModelInfo
     seed_index: str | None = Field(

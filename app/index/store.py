@@ -234,7 +234,7 @@ def _check_json_value(value: object, depth: int, where: str) -> None:
     )
 
 
-def _validate_metadata(metadata: object, item_id: str) -> tuple[str, dict[str, Any] | None]:
+def validate_metadata(metadata: object, item_id: str) -> tuple[str, dict[str, Any] | None]:
     """Return (canonical JSON, decoded dict or None when empty)."""
     if metadata is None:
         return _EMPTY_METADATA_JSON, None
@@ -668,7 +668,7 @@ class VectorIndex:
             meta_obj = [None] * n
         else:
             for m, i in zip(metadata, ids, strict=True):
-                encoded, decoded = _validate_metadata(m, i)
+                encoded, decoded = validate_metadata(m, i)
                 meta_json.append(encoded)
                 meta_obj.append(decoded)
         last: dict[str, int] = {}

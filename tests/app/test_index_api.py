@@ -30,6 +30,13 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
+def nested_lists(depth: int) -> list:
+    value: list = [1]
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
 def embed(client: TestClient, **kwargs: object) -> dict:
     r = client.post("/v1/embed", **kwargs)  # type: ignore[arg-type]
     assert r.status_code == 200, r.text
@@ -141,13 +148,15 @@ def test_index_status_reports_size_identity_and_persistence(client) -> None:
         ({"id": "x", "text": "y", "metadata": [1, 2]}, 422, "invalid_field", "metadata"),
         ({"id": "x", "text": "y", "metadata": {"_source": {"image_path": "/etc/passwd"}}}, 422, "invalid_field",
          "metadata"),
-        ({"id": "x", "text": "y", "metadata": {"deep": {"big": "z" * 70_000}}}, 422, "invalid_item", "metadata"),
+        ({"id": "x", "text": "y", "metadata": {"deep": {"big": "z" * 70_000}}}, 422, "invalid_field", "metadata"),
+        ({"id": "x", "text": "y", "metadata": {"a": nested_lists(40)}},
+         422, "invalid_field", "metadata"),
         ({"id": "x", "image_base64": "!!!"}, 422, "invalid_field", "image_base64"),
         ({"id": "x", "image_base64": b64(b"plain text, not an image")}, 415, "unsupported_media_type", "image_base64"),
         ({"id": "x", "text": "y", "vector": [1, 2]}, 422, "invalid_field", "vector"),
     ],
     ids=["no-id", "traversal", "too-long", "unicode", "no-content", "blank-text", "metadata-list", "reserved-key",
-         "metadata-too-big", "bad-base64", "not-an-image", "unknown-field"],
+         "metadata-too-big", "metadata-too-deep", "bad-base64", "not-an-image", "unknown-field"],
 )
 def test_add_refuses_bad_items_with_the_error_schema(client, body: dict, status: int, code: str, field: str) -> None:
     r = client.post("/v1/index/items", json=body)

@@ -27,3 +27,8 @@ def test_form_and_json_bodies_document_exactly_the_fields_the_parser_takes(clien
     assert set(json_schema["properties"]) == set(model.model_fields)
     assert "$ref" not in str(content)  # /docs cannot resolve $defs inside a hand-written requestBody
     assert {"413", "415", "422"} <= set(op["responses"])
+
+
+def test_the_openapi_schema_is_built_at_start_up_not_under_the_first_request(client) -> None:
+    assert client.app.openapi_schema is not None  # no request has been made yet
+    assert "/v1/classify" in client.app.openapi_schema["paths"]

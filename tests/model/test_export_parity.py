@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,13 @@ def test_recorded_parity_is_within_tolerance(tiny_bundle: Path) -> None:
     assert parity.min_image_embedding_cosine >= 0.9999
     assert parity.min_text_embedding_cosine >= 0.9999
     assert "real" in parity.inputs and parity.samples > 8
+
+
+def test_manifest_metrics_keep_the_epoch_an_integer(tiny_bundle: Path) -> None:
+    raw = json.loads((tiny_bundle / "manifest.json").read_text())["metrics"]
+    assert isinstance(raw["epoch"], int) and not isinstance(raw["epoch"], bool)
+    assert isinstance(raw["train_loss"], float)
+    assert load_bundle_manifest(tiny_bundle).metrics["epoch"] == raw["epoch"]
 
 
 def test_serving_pipeline_matches_pytorch_on_demo_images_with_mixed_lengths(tiny_run: Path, tiny_bundle: Path) -> None:

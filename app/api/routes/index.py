@@ -51,7 +51,8 @@ from app.api.work import batched, decode, infer
 from app.core import metrics
 from app.core.errors import InvalidFieldError, MMFusionError
 from app.index import IndexManifest, IndexStoreError, ItemNotFoundError, validate_item_id
-from app.index.store import _validate_metadata
+from app.index.errors import InvalidItemError
+from app.index.store import validate_metadata
 from app.index.wal import MANIFEST_FILE
 from app.inference.pipeline import Timings
 
@@ -96,10 +97,13 @@ def stored_metadata(item_id: str, user: dict[str, Any], embedded_from: str, imag
                     ) -> dict[str, Any]:
     """What the index stores: the client's metadata plus the ``_source`` record, validated here with
     the index's own rules (JSON-only values, depth, size) so that one item cannot fail a batch's
-    single ``add_batch`` call. (``_validate_metadata`` is private to ``app.index.store``; a public
-    name has been requested.)"""
+    single ``add_batch`` call. Over HTTP a metadata problem is a field error (``invalid_field``,
+    ``field: "metadata"``) like every other field check, whichever rule refused it."""
     metadata = {**user, SOURCE_KEY: {"embedded_from": embedded_from, "image_path": image_path}}
-    _validate_metadata(metadata, item_id)
+    try:
+        validate_metadata(metadata, item_id)
+    except InvalidItemError as exc:
+        raise InvalidFieldError(exc.message, field=exc.field or "metadata") from None
     return metadata
 
 
