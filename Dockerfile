@@ -54,10 +54,17 @@ ENV PATH=/opt/venv/bin:$PATH \
     MMFUSION_TRT_CACHE_DIR=/data/trt-cache \
     MMFUSION_HOST=0.0.0.0 \
     MMFUSION_PORT=8000
+# Dependencies first, pinned by the serving lock (the versions `make test` ran on), in their own
+# layer so that a code change rebuilds only the small wheel layer below.
+COPY deploy/requirements-serving.txt /tmp/requirements-serving.txt
+RUN pip install --no-cache-dir -r /tmp/requirements-serving.txt \
+ && rm /tmp/requirements-serving.txt
 COPY --from=wheel /wheels /wheels
-# The base install is the serving stack; for the GPU image, onnxruntime is swapped for
-# onnxruntime-gpu (both provide the same module, so only one may be installed).
-RUN pip install --no-cache-dir /wheels/*.whl \
+# `pip check` proves the pinned set satisfies the wheel's requirements. Then, for the GPU image,
+# onnxruntime is swapped for onnxruntime-gpu (both provide the same module, so only one may be
+# installed; pip check would call that a missing requirement, so it runs before the swap).
+RUN pip install --no-cache-dir --no-deps /wheels/*.whl \
+ && pip check \
  && if [ "$ORT_PACKAGE" != "onnxruntime" ]; then \
       pip uninstall -y onnxruntime && pip install --no-cache-dir "$ORT_PACKAGE"; fi \
  && python -c "import importlib.util as u; assert u.find_spec('torch') is None" \

@@ -3,18 +3,20 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # The constraints file pins torch to this machine's local CPU wheel (an unpinned torch pulls
-# a multi-GB CUDA build); pip applies it to every install below.
-PIP := $(BIN)/python -m pip install --disable-pip-version-check -c constraints.txt
+# a multi-GB CUDA build); the serving lock pins the serving stack to the versions the Docker image
+# ships, so the tests run on exactly those. pip applies both to every install below.
+SERVING_LOCK := deploy/requirements-serving.txt
+PIP := $(BIN)/python -m pip install --disable-pip-version-check -c constraints.txt -c $(SERVING_LOCK)
 SERVE_VENV ?= .venv-serve
 # pip-audit's own venv, inside .venv-serve (ignored, removed by `make clean`) but separate from it.
 AUDIT_VENV ?= $(SERVE_VENV)/audit-tool
 
-.PHONY: serve test browser-deps lint bench bench-full serving-check audit docker clean
+.PHONY: serve test browser-deps lint bench bench-full serving-check audit lock docker clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python
+$(VENV)/.installed: pyproject.toml constraints.txt $(SERVING_LOCK) | $(BIN)/python
 	$(PIP) -q -e '.[train,dev]'
 	touch $@
 
@@ -40,7 +42,7 @@ lint: $(VENV)/.installed
 ## The serving install (what the Docker image gets) must not contain or import torch.
 serving-check:
 	test -x $(SERVE_VENV)/bin/python || $(PYTHON) -m venv $(SERVE_VENV)
-	$(SERVE_VENV)/bin/python -m pip install --disable-pip-version-check -q .
+	$(SERVE_VENV)/bin/python -m pip install --disable-pip-version-check -q -c $(SERVING_LOCK) .
 	$(SERVE_VENV)/bin/python -c "import importlib.util as u, sys; assert u.find_spec('torch') is None, 'torch is installed in the serving env'"
 	cd /tmp && $(abspath $(SERVE_VENV))/bin/python -c 'import app.main, sys; app.main.create_app; assert "torch" not in sys.modules; print("serving install: no torch")'
 
@@ -50,7 +52,7 @@ serving-check:
 ## nothing could be checked (vulnerability service unreachable), 0 if clean.
 audit:
 	@test -x $(SERVE_VENV)/bin/python || $(PYTHON) -m venv $(SERVE_VENV)
-	@$(SERVE_VENV)/bin/python -m pip install --disable-pip-version-check -q .
+	@$(SERVE_VENV)/bin/python -m pip install --disable-pip-version-check -q -c $(SERVING_LOCK) .
 	@test -x $(AUDIT_VENV)/bin/pip-audit || ($(PYTHON) -m venv $(AUDIT_VENV) \
 	  && $(AUDIT_VENV)/bin/python -m pip install --disable-pip-version-check -q 'pip-audit>=2.7')
 	@$(SERVE_VENV)/bin/python -m pip freeze --disable-pip-version-check --exclude-editable \
@@ -65,7 +67,7 @@ audit:
 
 ## make bench: quick benchmark (< 5 min), results in benchmarks/results/bench-quick.{json,md,png}.
 ## The eager baseline uses $(MMFUSION_BENCH_RUN) (the bundle's training run) when set.
-$(VENV)/.bench-installed: pyproject.toml constraints.txt | $(BIN)/python
+$(VENV)/.bench-installed: pyproject.toml constraints.txt $(SERVING_LOCK) | $(BIN)/python
 	$(PIP) -q -e '.[train,dev,bench]'
 	touch $@
 
@@ -74,6 +76,15 @@ bench: $(VENV)/.bench-installed
 
 bench-full: $(VENV)/.bench-installed
 	$(BIN)/python -m benchmarks.run --full
+
+## make lock: re-resolve the serving install in a fresh venv and pin it (after changing the dependencies).
+lock:
+	rm -rf build/lock-venv && $(PYTHON) -m venv build/lock-venv
+	build/lock-venv/bin/python -m pip install --disable-pip-version-check -q .
+	sed -n '/^#/p' $(SERVING_LOCK) > build/lock.txt
+	build/lock-venv/bin/python -m pip freeze --disable-pip-version-check --exclude-editable | grep -v '^mmfusion' >> build/lock.txt
+	mv build/lock.txt $(SERVING_LOCK) && rm -rf build/lock-venv
+	@echo "wrote $(SERVING_LOCK); run make test"
 
 docker:
 	docker build -t mmfusion:cpu .
