@@ -25,18 +25,32 @@ def _serve(argv: list[str]) -> int:
         value = getattr(args, key)
         if value is not None:
             os.environ[f"MMFUSION_{key.upper()}"] = str(value)
+    from pydantic import ValidationError
+
     from app.bundle.verify import load_bundle_manifest
-    from app.core.config import get_settings
+    from app.core.config import describe_validation_error, get_settings, misspelled_variables
     from app.core.errors import MMFusionError
 
-    settings = get_settings()
+    typos = misspelled_variables(os.environ)
+    for typo in typos:
+        print(f"error: {typo}", file=sys.stderr)
+    if typos:
+        return 2
+    try:
+        settings = get_settings()
+    except ValidationError as exc:
+        print(f"error: {describe_validation_error(exc)}", file=sys.stderr)
+        return 2
     try:  # a bundle that cannot load is the user's to fix: one line, not uvicorn's start-up traceback
         load_bundle_manifest(settings.bundle, check_hashes=False)
     except MMFusionError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2
+    # The drain after SIGTERM waits for requests in flight up to their own deadline (plus the batchers'
+    # last batch); with no deadline (0) it waits for them all. Docker: --stop-timeout above this.
+    drain_s = settings.request_timeout_s + 5 if settings.request_timeout_s > 0 else None
     uvicorn.run("app.main:app", host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=30)
+                timeout_graceful_shutdown=drain_s)
     return 0
 
 

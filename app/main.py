@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import shutil
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +22,7 @@ from fastapi_offline import FastAPIOffline
 from app import __version__
 from app.api.auth import KeyRing, include_protected
 from app.api.errors import install_error_handlers
-from app.api.middleware import BodyLimitMiddleware, RequestIdMiddleware
+from app.api.middleware import BodyLimitMiddleware, RequestIdMiddleware, StartupErrorMiddleware
 from app.api.routes import classify, embed, health, search
 from app.api.routes import index as index_routes
 from app.api.state import ServiceState
@@ -32,6 +31,7 @@ from app.core import metrics
 from app.core.config import Settings, get_settings
 from app.core.logging import configure_logging
 from app.index import IndexStoreError, VectorIndex
+from app.index.seed import seed_index_dir
 from app.inference.batched import BatchedPipeline
 from app.inference.batcher import BatchingConfig
 from app.inference.pipeline import ModelPipeline
@@ -47,12 +47,8 @@ def open_index(state: ServiceState, pipeline: ModelPipeline) -> None:
     """
     settings, manifest = state.settings, pipeline.manifest
     path = settings.index_path
-    if manifest.seed_index and not path.exists():
-        seed = pipeline.bundle_dir / manifest.seed_index
-        if seed.is_dir():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copytree(seed, path, ignore=shutil.ignore_patterns("LOCK"))
-            log.info("seeded the index at %s from the bundle's %s", path, manifest.seed_index)
+    if manifest.seed_index and seed_index_dir(pipeline.bundle_dir / manifest.seed_index, path):
+        log.info("seeded the index at %s from the bundle's %s", path, manifest.seed_index)
     try:
         state.index = VectorIndex.open(path, bundle_name=manifest.name, bundle_version=manifest.version,
                                        dim=manifest.embedding_dim,
@@ -166,13 +162,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Outermost: request id, access log, last-resort 500, and the request metrics (it sees the final
     # status of every request, including the 413s BodyLimitMiddleware answers itself).
     app.add_middleware(RequestIdMiddleware, record_metrics=True)
+    app.add_middleware(StartupErrorMiddleware)  # lifespan only: a refused start-up is one log line
     return app
 
 
 def __getattr__(name: str) -> FastAPI:
     """``app.main:app`` is built on first access, so importing this module has no side effects."""
     if name == "app":
-        application = create_app()
+        import os
+
+        from pydantic import ValidationError
+
+        from app.core.config import describe_validation_error, misspelled_variables
+
+        typos = misspelled_variables(os.environ)
+        if typos:  # SystemExit: uvicorn prints the message and exits, no import traceback
+            raise SystemExit("error: " + "; ".join(typos))
+        try:
+            application = create_app()
+        except ValidationError as exc:
+            raise SystemExit(f"error: {describe_validation_error(exc)}") from None
         globals()["app"] = application
         return application
     raise AttributeError(name)

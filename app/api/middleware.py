@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 import time
 import uuid
 import weakref
@@ -35,9 +36,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.errors import INTERNAL_ERROR_MESSAGE, error_body
 from app.core import metrics
+from app.core.errors import MMFusionError
 from app.core.logging import request_id_var
 
-__all__ = ["DOCS_CSP", "BodyLimitMiddleware", "RequestIdMiddleware", "request_id_var"]
+__all__ = ["DOCS_CSP", "BodyLimitMiddleware", "RequestIdMiddleware", "StartupErrorMiddleware", "request_id_var"]
 
 access_log = logging.getLogger("mmfusion.access")
 log = logging.getLogger("mmfusion.api")
@@ -150,6 +152,34 @@ def _route_template(scope: Scope) -> str:
 
 def _valid_request_id(value: str) -> bool:
     return 0 < len(value) <= 128 and all(c.isascii() and (c.isalnum() or c in "-_.:") for c in value)
+
+
+class StartupErrorMiddleware:
+    """A start-up refused for a known reason (a bad bundle, an unusable index path) is one line in the log.
+
+    Starlette sends ``lifespan.startup.failed`` with the whole formatted traceback, and uvicorn logs that
+    message: 3-4 KB of framework frames around a line that already says what is wrong and how to fix it.
+    For this project's own errors (``MMFusionError``) the message is replaced by that line; any other
+    exception is a bug and keeps its traceback. The exception still propagates (uvicorn exits 3, and
+    ``TestClient`` re-raises it).
+    """
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_wrapped(message: Message) -> None:
+            # Starlette sends the failure from inside its ``except`` block: the exception is the one handled.
+            exc = sys.exc_info()[1]
+            if message["type"] == "lifespan.startup.failed" and isinstance(exc, MMFusionError):
+                message = {**message, "message": f"cannot start: {exc.message}"}
+            await send(message)
+
+        await self.app(scope, receive, send_wrapped)
 
 
 class RequestIdMiddleware:

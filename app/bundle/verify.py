@@ -55,10 +55,13 @@ def load_bundle_manifest(bundle_dir: Path | str, *, check_hashes: bool = True) -
         raise BundleError(f"bundle {root}: invalid {MANIFEST_FILE}: {problems}") from None
 
     labels_path = _inside(root, manifest.labels_file)
-    if labels_path.is_file():
-        on_disk = [line for line in labels_path.read_text(encoding="utf-8").splitlines() if line]
-        if on_disk != list(manifest.labels):
-            raise BundleError(f"bundle {root}: {manifest.labels_file} disagrees with the labels in {MANIFEST_FILE}")
+    if not labels_path.is_file():
+        raise BundleError(f"bundle {root}: {manifest.labels_file}, named by {MANIFEST_FILE}, is missing")
+    # One label per "\n"-terminated line, as the exporter writes it (not str.splitlines, which also
+    # splits on U+2028, U+0085 and others that a label may contain).
+    on_disk = [line for line in labels_path.read_text(encoding="utf-8").split("\n") if line]
+    if on_disk != list(manifest.labels):
+        raise BundleError(f"bundle {root}: {manifest.labels_file} disagrees with the labels in {MANIFEST_FILE}")
 
     if check_hashes:
         for rel, expected in manifest.files().items():

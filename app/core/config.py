@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import difflib
 import os
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -39,12 +41,19 @@ def container_cpus() -> int:
 class Settings(BaseSettings):
     """Every setting has a default that works for `make serve`; override with MMFUSION_<NAME>."""
 
-    model_config = SettingsConfigDict(env_prefix="MMFUSION_", env_file=None, extra="ignore")
+    # allow_inf_nan=False: "inf" parses as a float, and an infinite queue delay crashed the batcher thread
+    # (threading's wait cannot take it) while the health checks kept answering 200.
+    model_config = SettingsConfigDict(env_prefix="MMFUSION_", env_file=None, extra="ignore", allow_inf_nan=False)
 
     bundle: Path = Field(default=Path("models/default"), description="Model bundle directory.")
     host: str = "0.0.0.0"
     port: int = Field(default=8000, ge=1, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _log_level_any_case(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value  # INFO, as logging spells it
     providers: str = Field(
         default="auto",
         description="ONNX Runtime execution providers, comma separated, or 'auto' (CUDA if available, else CPU).",
@@ -96,7 +105,7 @@ class Settings(BaseSettings):
         description="Dynamic batching: most rows one graph call carries (a larger client batch runs alone).",
     )
     max_queue_delay_ms: float = Field(
-        default=0.0, ge=0.0,
+        default=0.0, ge=0.0, le=10_000.0,
         description="Dynamic batching: longest the oldest queued request waits for a batch to fill; "
         "0 = run what is queued now (no added latency when idle; batches still form under load).",
     )
@@ -106,12 +115,12 @@ class Settings(BaseSettings):
         "with Retry-After at once.",
     )
     max_queue_wait_ms: float = Field(
-        default=1000.0, ge=0.0,
+        default=1000.0, ge=0.0, le=3_600_000.0,
         description="Refuse (503 'overloaded', Retry-After) a request that the work already queued for a graph would "
         "keep waiting longer than this, at the measured time per row; 0 = bound the queues in requests only.",
     )
     request_timeout_s: float = Field(
-        default=30.0, ge=0.0,
+        default=30.0, ge=0.0, le=86_400.0,
         description="Deadline for a whole request (body upload included): past it the request is cancelled "
         "(dropped from the batching queue if still waiting) and answered 504 'timeout'. 0 = no deadline.",
     )
@@ -139,3 +148,36 @@ class Settings(BaseSettings):
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     return Settings()
+
+
+ENV_PREFIX = "MMFUSION_"
+# MMFUSION_* variables read by tools beside the server (benchmarks, browser tests), not settings.
+TOOL_VARIABLES = frozenset({"MMFUSION_BENCH_RUN", "MMFUSION_CHROMIUM"})
+
+
+def misspelled_variables(environ: Mapping[str, str]) -> list[str]:
+    """``MMFUSION_*`` variables that are not settings but look like one (``MMFUSION_API_KEY`` for
+    ``MMFUSION_API_KEYS``), each with the setting meant. pydantic-settings ignores unknown variables, so
+    a typo silently kept a default: with the keys variable misspelled, the server ran with no keys."""
+    names = {f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields}
+    found = []
+    for var in sorted(environ):
+        upper = var.upper()
+        if not upper.startswith(ENV_PREFIX) or upper in names or upper in TOOL_VARIABLES:
+            continue
+        close = difflib.get_close_matches(upper, names, n=1, cutoff=0.8)
+        if close:
+            found.append(f"{var} is not a setting; did you mean {close[0]}?")
+    return found
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line per invalid setting, named as the user set it (``MMFUSION_PORT=99999: ...``)."""
+    parts = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"])
+        value = err.get("input")
+        shown = f"={value}" if isinstance(value, str | int | float) else ""
+        parts.append(f"{ENV_PREFIX}{field.upper()}{shown}: {err['msg']}")
+    return "invalid settings: " + "; ".join(parts)
+

@@ -78,6 +78,13 @@ class NotReadyError(MMFusionError):
         super().__init__(message, headers={"Retry-After": str(max(1, int(retry_after_s)))})
 
 
+class NotAliveError(MMFusionError):
+    """The process cannot recover by itself (an inference thread died): /livez fails so it is replaced."""
+
+    status_code = 503
+    code = "not_alive"
+
+
 class RequestTimeoutError(MMFusionError):
     status_code = 504
     code = "timeout"

@@ -183,7 +183,8 @@ def read_manifest(path: Path, fmt: str = "auto") -> list[Row]:
                             text=_blank_to_none(record.get("text")),  # type: ignore[arg-type]
                             metadata=_blank_to_none(record.get("metadata"))))
         return rows
-    for line, raw in enumerate(text.splitlines(), start=1):
+    for line, raw in enumerate(text.split("\n"), start=1):  # not splitlines: U+2028 etc. are valid inside JSON
+        raw = raw.removesuffix("\r")
         if not raw.strip():
             continue
         try:

@@ -208,6 +208,10 @@ class BatchedPipeline:
         rows = await self.encode_text_rows(texts)
         return np.stack([r.outputs["text_embedding"] for r in rows]), [r.truncated for r in rows]
 
+    def failures(self) -> dict[str, str]:
+        """Graphs whose inference thread died (empty when all run): see :attr:`GraphBatcher.alive`."""
+        return {role: b.failure for role, b in self._batchers.items() if b.failure is not None}
+
     async def aclose(self, drain_timeout_s: float = 30.0) -> None:
         """Refuse new calls, let every call in progress finish (queued work runs), then stop the threads.
 

@@ -73,8 +73,9 @@ class BatchingConfig:
     enough that a closed-loop load never looks idle between its batches."""
 
     def __post_init__(self) -> None:
+        times = (self.max_queue_delay_s, self.max_queue_wait_s, self.idle_s)
         if (self.max_batch_size < 1 or self.max_queue_size < 1 or self.max_queue_delay_s < 0
-                or self.max_queue_wait_s < 0 or self.idle_s <= 0):
+                or self.max_queue_wait_s < 0 or self.idle_s <= 0 or not all(map(math.isfinite, times))):
             raise ValueError(f"invalid batching config {self}")
 
 
@@ -119,6 +120,7 @@ class GraphBatcher(Generic[P, R]):
         self._queue: deque[_Entry[P, R]] = deque()
         self._cond = threading.Condition()
         self._closing = False
+        self.failure: str | None = None  # why an inference thread died (a bug): the service is then not alive
         self._row_s = 0.0  # exponential average of run time per row: the queue's time bound and Retry-After
         self._running_rows = 0  # rows of the batches being run now (all instances)
         self._running_batches = 0  # batches being run now (one per busy instance)
@@ -141,6 +143,12 @@ class GraphBatcher(Generic[P, R]):
     def instances(self) -> int:
         """Inference threads draining this queue."""
         return len(self._threads)
+
+    @property
+    def alive(self) -> bool:
+        """Every inference thread is running (or has stopped because of :meth:`close`). A thread that died
+        of a bug leaves requests waiting for their deadline; /livez reports it so the process is replaced."""
+        return self.failure is None
 
     @property
     def running_batches(self) -> int:
@@ -204,6 +212,9 @@ class GraphBatcher(Generic[P, R]):
         with self._cond:
             if self._closing:
                 raise NotReadyError("the server is shutting down", retry_after_s=1)
+            if self.failure is not None:
+                raise NotReadyError(f"{self.name} is not running ({self.failure}); the process needs a restart",
+                                    retry_after_s=5)
             self.refuse_if_full()
             self._queue.append(entry)
             self._queued_rows += entry.rows
@@ -294,6 +305,27 @@ class GraphBatcher(Generic[P, R]):
                 return batch
 
     def _loop(self, instance: int = 0) -> None:
+        """The thread's body: :meth:`_serve`, and if that ever raises (a bug: graph errors are caught per
+        batch), a logged traceback, every queued request failed at once instead of at its deadline, and
+        :attr:`alive` False."""
+        try:
+            self._serve(instance)
+        except BaseException as exc:
+            log.exception("%s: inference thread %d died; queued requests fail and /livez reports it",
+                          self.name, instance)
+            with self._cond:
+                self.failure = f"{type(exc).__name__} in inference thread {instance}"
+                error = NotReadyError(f"{self.name} is not running ({self.failure}); the process needs a restart",
+                                      retry_after_s=5)
+                while self._queue:
+                    entry = self._queue.popleft()
+                    self._queued_rows -= entry.rows
+                    self._depth.dec()
+                    with contextlib.suppress(RuntimeError):
+                        entry.loop.call_soon_threadsafe(_deliver, entry.future, None, error)
+                self._cond.notify_all()
+
+    def _serve(self, instance: int) -> None:
         self._instance.index = instance
         while True:
             batch = self._take_batch(instance)

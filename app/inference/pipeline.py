@@ -26,6 +26,7 @@ from app.bundle.manifest import BundleManifest
 from app.bundle.verify import load_bundle_manifest
 from app.core.config import Settings
 from app.core.errors import BundleError
+from app.inference.contract import check_declared_shapes, probe_graphs
 from app.inference.runtime import (
     GraphSession,
     choose_precision,
@@ -114,6 +115,9 @@ class ModelPipeline:
             self.bundle_dir / self.manifest.text.tokenizer_file, self.manifest.text.max_length,
             self.manifest.text.pad_id,
         )
+        # Refuse a manifest that does not describe its graphs now, not one request at a time.
+        check_declared_shapes(self.bundle_dir, self.manifest, self.sessions)
+        probe_graphs(self.bundle_dir, self.manifest, self.sessions, self.tokenizer)
         self.text_cache = TextCache(settings.text_cache_size)
         # The server's batching front, set by the app's lifespan (None for offline users).
         self.batched: BatchedPipeline | None = None

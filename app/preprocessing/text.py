@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
+from app.core.errors import BundleError
+
 # C0 and C1 controls and DEL, except \t \n \r.
 _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -55,11 +57,19 @@ class TextTokenizer:
     def __init__(self, tokenizer_file: Path | str, max_length: int, pad_id: int = 0):
         self.max_length = max_length
         self.pad_id = pad_id
-        self._tok = Tokenizer.from_file(str(tokenizer_file))
+        try:
+            self._tok = Tokenizer.from_file(str(tokenizer_file))
+        except Exception as exc:  # the tokenizers library raises a bare Exception ("Model missing.", ...)
+            raise BundleError(f"{tokenizer_file} is not a readable tokenizer.json: {exc}") from None
         # Files exported from transformers often bake in fixed-length padding/truncation; we
         # pad per batch instead (much less work for short texts) and truncate to max_length.
         self._tok.no_padding()
         self._tok.enable_truncation(max_length=max_length)
+
+    @property
+    def vocab_size(self) -> int:
+        """Ids run from 0 to ``vocab_size - 1``, added tokens included."""
+        return int(self._tok.get_vocab_size(with_added_tokens=True))
 
     def encode(self, texts: list[str]) -> EncodedText:
         """``truncated[i]`` is True when text ``i`` had more than ``max_length`` tokens (the rest is cut)."""

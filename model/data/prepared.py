@@ -112,7 +112,7 @@ def prepare_data(cfg: TrainConfig, progress: bool = True) -> PreparedData:
 
         demo = DemoConfig(n_images=cfg.demo_images, image_size=cfg.demo_image_size, seed=cfg.seed)
         paths = generate_demo_dataset(Path(cfg.demo_dir), demo, progress=progress)
-        labels = [x for x in Path(paths.labels).read_text(encoding="utf-8").splitlines() if x]
+        labels = [x for x in Path(paths.labels).read_text(encoding="utf-8").split("\n") if x]
         rows = load_rows(Path(paths.qa), labels=labels)
         captions = load_rows(Path(paths.captions), require_label=False)
         data = _assemble(rows, captions, labels, f"demo: rows {_split_counts(rows)}")

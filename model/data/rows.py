@@ -173,7 +173,10 @@ def _read_csv(path: Path, required: list[str], issues: Issues) -> list[Record]:
 
 def _read_jsonl(path: Path, issues: Issues) -> list[Record]:
     records: list[Record] = []
-    for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+    # JSON Lines ends records at "\n" only: str.splitlines would also split inside strings holding U+2028,
+    # U+2029 or U+0085 (valid JSON, common in scraped captions) and misnumber every later line.
+    for n, line in enumerate(path.read_text(encoding="utf-8-sig").split("\n"), start=1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         try:
@@ -243,6 +246,10 @@ def load_rows(
             ok = False
         if require_label and label is None:
             issues.add("empty 'label'", f"line {line}")
+            ok = False
+        if label is not None and label.splitlines() != [label]:
+            # labels.txt holds one label per line, so a label with a line break cannot round-trip the bundle.
+            issues.add("label with a line break", f"line {line}: {label!r}")
             ok = False
         if split and split not in SPLITS:
             issues.add(f"bad split (must be one of {', '.join(SPLITS)})", f"line {line}: {split!r}")

@@ -143,6 +143,59 @@ def test_a_full_batch_goes_at_once_without_waiting_for_the_delay() -> None:
 # --------------------------------------------------------------------------------------------------
 
 
+def test_an_inference_thread_that_dies_fails_its_queue_at_once_and_reports_itself(monkeypatch) -> None:
+    def broken_take(self: GraphBatcher, instance: int = 0) -> list:  # a bug in the loop, not a graph error
+        with self._cond:
+            while not self._queue:
+                self._cond.wait()
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(GraphBatcher, "_take_batch", broken_take)
+    batcher = make(Recorder(), "dies_unit")
+
+    async def main() -> None:
+        with pytest.raises(NotReadyError, match="dies_unit is not running"):
+            await asyncio.wait_for(batcher.submit("x"), 5)  # failed now, not at its deadline
+        with pytest.raises(NotReadyError, match="needs a restart"):
+            await batcher.submit("y")
+
+    try:
+        asyncio.run(main())
+        assert not batcher.alive and "RuntimeError" in (batcher.failure or "")
+        assert batcher.depth == 0
+    finally:
+        batcher.close()
+
+
+def test_settings_refuse_infinite_or_absurd_times(monkeypatch) -> None:
+    from pydantic import ValidationError
+
+    for name, value in (("MAX_QUEUE_DELAY_MS", "inf"), ("MAX_QUEUE_WAIT_MS", "nan"), ("REQUEST_TIMEOUT_S", "1e9")):
+        monkeypatch.setenv(f"MMFUSION_{name}", value)
+        with pytest.raises(ValidationError, match=name.lower()):
+            Settings()
+        monkeypatch.delenv(f"MMFUSION_{name}")
+
+
+def test_a_batching_config_with_an_infinite_time_is_refused() -> None:
+    for bad in ({"max_queue_delay_s": math.inf}, {"max_queue_wait_s": math.nan}, {"idle_s": math.inf}):
+        with pytest.raises(ValueError, match="invalid batching config"):
+            BatchingConfig(**bad)
+
+
+def test_livez_and_readyz_fail_when_an_inference_thread_has_died(client) -> None:
+    assert client.get("/livez").status_code == 200
+    text = client.app.state.service.pipeline.batched.text
+    text.failure = "RuntimeError in inference thread 0"
+    try:
+        live, ready = client.get("/livez"), client.get("/readyz")
+        assert live.status_code == 503 and live.json()["error"]["code"] == "not_alive"
+        assert "text_encoder" in live.json()["error"]["message"]
+        assert ready.status_code == 503 and ready.json()["error"]["code"] == "not_ready"
+    finally:
+        text.failure = None
+
+
 def test_a_full_queue_refuses_at_once_with_overloaded_and_retry_after() -> None:
     rec = Recorder(hold_first=True)
     batcher = make(rec, "overload_unit", max_batch_size=1, max_queue_delay_s=0.0, max_queue_size=2)

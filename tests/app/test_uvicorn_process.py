@@ -33,3 +33,18 @@ def test_real_uvicorn_process_serves_classify_over_a_socket(tiny_bundle: Path, t
     # uvicorn re-raises the captured SIGTERM after a graceful shutdown, so -15 is a clean exit.
     assert proc.returncode in (0, -15)
     assert b"Application shutdown complete" in out
+
+
+def test_a_refused_start_up_is_one_log_line_not_a_traceback(tiny_bundle: Path, tmp_path: Path) -> None:
+    import shutil
+    import sys
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    (bundle / "labels.txt").unlink()
+    env = {**os.environ, "MMFUSION_BUNDLE": str(bundle), "MMFUSION_INDEX_PATH": str(tmp_path / "index")}
+    proc = subprocess.run([sys.executable, "-m", "uvicorn", "app.main:app", "--port", "0"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3  # uvicorn's "startup failed"
+    assert "cannot start: bundle " in proc.stderr and "labels.txt, named by manifest.json, is missing" in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.splitlines()) <= 6, proc.stderr

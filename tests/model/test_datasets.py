@@ -211,6 +211,28 @@ def test_jsonl_numbers_and_missing_split_use_defaults(images: Path) -> None:
     assert [(r.label, r.split) for r in rows] == [("3", "val"), ("2", "test")]
 
 
+def test_jsonl_strings_may_hold_unicode_line_separators(images: Path) -> None:
+    # json.dumps(ensure_ascii=False) writes U+2028/U+2029/U+0085 raw: valid JSON, one record per "\n".
+    lines = [json.dumps(r, ensure_ascii=False) for r in (
+        {"image": "images/0.jpg", "text": "line\u2028separator", "label": "cat"},
+        {"image": "images/1.jpg", "text": "next\u0085line", "label": "dog"},
+        {"image": "images/2.jpg", "text": "para\u2029graph", "label": "cat"},
+    )]
+    path = images / "qa.jsonl"
+    path.write_text("\r\n".join(lines) + "\r\n", encoding="utf-8")
+    rows = load_rows(path)
+    assert [r.text for r in rows] == ["line\u2028separator", "next\u0085line", "para\u2029graph"]
+
+
+def test_a_label_with_a_line_break_is_refused_before_training(images: Path) -> None:
+    path = write_jsonl(images / "qa.jsonl", [
+        {"image": "images/0.jpg", "text": "ok", "label": "cat"},
+        {"image": "images/1.jpg", "text": "two lines", "label": "x\u2028y"},
+    ])
+    with pytest.raises(DatasetError, match=r"label with a line break \(1 row\):\n    line 2"):
+        load_rows(path)
+
+
 def test_manifest_with_unsupported_extension_or_absent_file_is_rejected(tmp_path: Path) -> None:
     (tmp_path / "data.txt").write_text("image,text,label\n", encoding="utf-8")
     with pytest.raises(DatasetError, match=r"must be \.csv or \.jsonl"):

@@ -8,7 +8,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from app.api.openapi import error_responses
 from app.api.schemas import GraphInfo, HealthResponse, ModelInfoResponse
 from app.api.state import State
-from app.core.errors import NotReadyError
+from app.core.errors import NotAliveError, NotReadyError
 
 router = APIRouter()
 
@@ -16,8 +16,13 @@ router = APIRouter()
 # HEAD too: load balancers and probes (HAProxy's default check, some uptime monitors) send HEAD. Not in
 # the schema: one operation per path and method keeps the OpenAPI operation ids unique.
 @router.head("/livez", include_in_schema=False)
-@router.get("/livez", response_model=HealthResponse, tags=["health"], summary="The process is up")
-async def livez() -> HealthResponse:
+@router.get("/livez", response_model=HealthResponse, tags=["health"], responses=error_responses(503),
+            summary="The process is up and every inference thread runs")
+async def livez(state: State) -> HealthResponse:
+    pipeline = state.pipeline
+    failed = pipeline.batched.failures() if pipeline is not None and pipeline.batched is not None else {}
+    if failed:  # an inference thread died: only a restart brings it back
+        raise NotAliveError(f"inference thread(s) stopped: {failed}; restart the process")
     return HealthResponse(status="ok")
 
 
@@ -27,6 +32,9 @@ async def livez() -> HealthResponse:
 async def readyz(state: State) -> HealthResponse:
     if not state.ready:
         raise NotReadyError()
+    pipeline = state.pipeline
+    if pipeline is not None and pipeline.batched is not None and pipeline.batched.failures():
+        raise NotReadyError("an inference thread stopped; see /livez", retry_after_s=5)
     return HealthResponse(status="ready")
 
 

@@ -1,0 +1,105 @@
+"""A manifest that does not describe its graphs is refused at load, naming the mismatch, instead of
+serving 500s or silently wrong answers per request (app/inference/contract.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from app.core.config import Settings
+from app.core.errors import BundleError
+from app.inference.pipeline import ModelPipeline
+
+
+@pytest.fixture
+def bundle_copy(tiny_bundle: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, dst)
+    return dst
+
+
+def edit_manifest(bundle: Path, edit) -> dict:  # type: ignore[no-untyped-def]
+    path = bundle / "manifest.json"
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+    (bundle / data["labels_file"]).write_text("\n".join(data["labels"]) + "\n", encoding="utf-8")
+    return data
+
+
+def load(bundle: Path) -> ModelPipeline:
+    return ModelPipeline(bundle, Settings(bundle=bundle, providers="CPUExecutionProvider", warmup=False))
+
+
+def test_the_untouched_bundle_passes_the_probe(bundle_copy: Path) -> None:
+    assert load(bundle_copy).manifest.labels
+
+
+@pytest.mark.parametrize("change", [-1, +1], ids=["fewer-labels", "more-labels"])
+def test_a_label_count_unlike_the_heads_output_is_refused(bundle_copy: Path, change: int) -> None:
+    def edit(m: dict) -> None:
+        m["labels"] = m["labels"][:-1] if change < 0 else [*m["labels"], "extra label"]
+
+    data = edit_manifest(bundle_copy, edit)
+    width = len(data["labels"]) - change
+    with pytest.raises(BundleError, match=rf"{len(data['labels'])} labels in the manifest but fusion_head"
+                                          rf"\.onnx gives {width} probabilities"):
+        load(bundle_copy)
+
+
+def test_an_embedding_dim_unlike_the_graphs_is_refused(bundle_copy: Path) -> None:
+    data = edit_manifest(bundle_copy, lambda m: m.update(embedding_dim=m["embedding_dim"] + 3))
+    with pytest.raises(BundleError, match=rf"image_encoder\.onnx gives {data['embedding_dim'] - 3}-dimensional "
+                                          rf"image_embedding but manifest embedding_dim is {data['embedding_dim']}"):
+        load(bundle_copy)
+
+
+def test_an_image_size_unlike_the_graphs_input_is_refused(bundle_copy: Path) -> None:
+    def edit(m: dict) -> None:
+        m["image"]["size"] = m["image"]["size"] * 2
+        m["image"]["resize_size"] = m["image"]["size"]
+
+    data = edit_manifest(bundle_copy, edit)
+    with pytest.raises(BundleError, match=rf"image_encoder\.onnx .*manifest image\.size (is )?{data['image']['size']}"):
+        load(bundle_copy)
+
+
+def test_a_tokenizer_with_ids_past_the_text_encoders_table_is_refused(bundle_copy: Path) -> None:
+    tok_path = bundle_copy / "tokenizer.json"
+    tok = json.loads(tok_path.read_text())
+    vocab = tok["model"]["vocab"]
+    start = max(vocab.values()) + 1
+    vocab.update({f"newword{i}": start + i for i in range(5000)})
+    tok_path.write_text(json.dumps(tok))
+    digest = hashlib.sha256(tok_path.read_bytes()).hexdigest()  # a deliberate swap: the hash is updated too
+    edit_manifest(bundle_copy, lambda m: m["text"].update(tokenizer_sha256=digest))
+    with pytest.raises(BundleError, match=r"text_encoder\.onnx fails on token id \d+, the largest of the bundle's "
+                                          r"tokenizer \(\d+ tokens\): tokenizer and text encoder come from different"):
+        load(bundle_copy)
+
+
+def test_an_unreadable_tokenizer_is_refused_naming_the_file(bundle_copy: Path) -> None:
+    tok_path = bundle_copy / "tokenizer.json"
+    tok_path.write_text(json.dumps({"version": "1.0"}))
+    digest = hashlib.sha256(tok_path.read_bytes()).hexdigest()
+    edit_manifest(bundle_copy, lambda m: m["text"].update(tokenizer_sha256=digest))
+    with pytest.raises(BundleError, match=r"tokenizer\.json is not a readable tokenizer\.json"):
+        load(bundle_copy)
+
+
+def test_a_missing_labels_file_is_refused(bundle_copy: Path) -> None:
+    (bundle_copy / "labels.txt").unlink()
+    with pytest.raises(BundleError, match=r"labels\.txt, named by manifest\.json, is missing"):
+        load(bundle_copy)
+
+
+def test_labels_holding_unicode_line_separators_round_trip(bundle_copy: Path) -> None:
+    def edit(m: dict) -> None:
+        m["labels"] = [f"{label}\u2028x" if i == 0 else label for i, label in enumerate(m["labels"])]
+
+    data = edit_manifest(bundle_copy, edit)
+    assert load(bundle_copy).manifest.labels[0] == data["labels"][0]
