@@ -54,8 +54,10 @@ def open_index(state: ServiceState, pipeline: ModelPipeline) -> None:
                                        dim=manifest.embedding_dim,
                                        embedding_fingerprint=manifest.embedding_fingerprint())
         metrics.INDEX_ITEMS.set(state.index.count)
+        metrics.INDEX_AVAILABLE.set(1)
     except IndexStoreError as exc:
         state.index = None
+        metrics.INDEX_AVAILABLE.set(0)
         # exc.message names no host path (it reaches clients); the log line below keeps the full detail.
         state.notes["index"] = f"index unavailable: {exc.message}"
         log.error("index at %s unavailable (search and /v1/index answer 503): %s", path, exc)
@@ -128,6 +130,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             pipeline.batched = None
             if state.index is not None:
                 state.index.close()
+                metrics.INDEX_AVAILABLE.set(0)
             # Off the event loop: a decode still running would otherwise block it until it ends.
             await asyncio.to_thread(state.decode_pool.shutdown, wait=True, cancel_futures=True)
 

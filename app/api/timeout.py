@@ -51,6 +51,14 @@ class TimeoutMiddleware:
                 raise
             log.warning("request %s %s cancelled after its %.3g s deadline (MMFUSION_REQUEST_TIMEOUT_S)",
                         scope.get("method"), scope.get("path"), self.timeout_s)
+            writes = scope.get("method") in ("POST", "PUT", "PATCH", "DELETE") and "/v1/index/" in scope.get("path", "")
+            if not writes:
+                outcome = "it was cancelled"
+            else:
+                # An index write already handed to its worker thread runs to the end (a thread cannot be
+                # interrupted, and a half-applied write would be worse): its effect may be there.
+                outcome = ("it was cancelled, but a write already under way may have completed: read the item "
+                           "before retrying (adds and deletes by id are safe to repeat)")
             await send_error(send, 504, TIMEOUT_CODE,
                              f"the request did not complete within {self.timeout_s:g} s "
-                             "(MMFUSION_REQUEST_TIMEOUT_S); it was cancelled")
+                             f"(MMFUSION_REQUEST_TIMEOUT_S); {outcome}")

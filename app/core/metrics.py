@@ -38,7 +38,9 @@ from prometheus_client import Counter, Gauge, Histogram
 
 T = TypeVar("T")
 
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+# Up to 60 s: the default request deadline is 30 s, and requests answered 504 at it must land in a bucket
+# of their own, not in +Inf with everything slower.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 REQUESTS = Counter("mmfusion_requests_total", "HTTP requests", ["method", "route", "status"])
 REQUEST_LATENCY = Histogram(
@@ -52,7 +54,7 @@ INFERENCE_LATENCY = Histogram(
 BATCH_SIZE = Histogram("mmfusion_batch_size", "Items per graph call", ["graph"], buckets=(1, 2, 4, 8, 16, 32, 64, 128))
 QUEUE_WAIT = Histogram(
     "mmfusion_queue_wait_seconds", "Time a request waited in a graph's batching queue", ["graph"],
-    buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+    buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 REJECTED = Counter("mmfusion_rejected_total", "Requests refused because a batching queue was full",
                    ["graph", "reason"])
@@ -65,6 +67,10 @@ TEXT_CACHE_ENTRIES = Gauge("mmfusion_text_cache_entries", "Text-encoder outputs 
 QUEUE_DEPTH = Gauge("mmfusion_queue_depth", "Work items waiting for a worker thread", ["stage"])
 IN_FLIGHT = Gauge("mmfusion_in_flight_requests", "Requests being processed")
 INDEX_ITEMS = Gauge("mmfusion_index_items", "Items in the vector index")
+INDEX_AVAILABLE = Gauge(
+    "mmfusion_index_available",
+    "1 when the vector index is open; 0 when it could not be opened (search and /v1/index answer 503, see "
+    "/v1/index for why): mmfusion_index_items alone reads 0 then, like an empty index")
 READY = Gauge("mmfusion_ready", "1 once the model is loaded and warmed up")
 
 GRAPHS = ("image_encoder", "text_encoder", "fusion_head")

@@ -38,6 +38,7 @@ import logging
 import math
 import re
 import threading
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -94,6 +95,9 @@ ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,256}")
 MAX_TEXT_CHARS = 65_536
 MAX_METADATA_BYTES = 65_536
 MAX_METADATA_DEPTH = 32
+# Automatic compaction after a failure: first retry after this many seconds, doubling up to the max.
+COMPACT_RETRY_MIN_S = 5.0
+COMPACT_RETRY_MAX_S = 300.0
 MAX_K = 10_000
 DEFAULT_AUTO_COMPACT_BYTES = 256 * 1024 * 1024
 
@@ -393,6 +397,10 @@ class VectorIndex:
         self._durable = durable
         self._auto_compact_bytes = auto_compact_bytes
         self._snapshot_bytes = 0
+        # After a failed automatic compaction (disk full), wait before the next try: retrying on every
+        # write rewrote the whole snapshot per write (113 writes, 113 full attempts).
+        self._compact_backoff_s = 0.0
+        self._compact_retry_at = 0.0
         self._dir_lock = lock
         self._wal: WriteAheadLog | None = None
 
@@ -646,11 +654,23 @@ class VectorIndex:
         The fast path for bulk loads (an encoder's output batch, ``mmfusion index rebuild``):
         validation and normalisation are vectorised. Returns how many ids were new.
         """
+        return len(self.upsert_batch(ids, vectors, texts=texts, metadata=metadata))
+
+    def upsert_batch(
+        self,
+        ids: Sequence[str],
+        vectors: npt.ArrayLike,
+        *,
+        texts: Sequence[str | None] | None = None,
+        metadata: Sequence[Mapping[str, JSONValue] | None] | None = None,
+    ) -> frozenset[str]:
+        """:meth:`add_batch`, returning *which* ids were new, decided under the write lock: a caller that
+        looked before writing could call an id new that a concurrent write had just created."""
         if isinstance(ids, str):
             raise InvalidItemIdError("ids must be a sequence of strings, not one string")
         n = len(ids)
         if n == 0:
-            return 0
+            return frozenset()
         if texts is not None and len(texts) != n:
             raise InvalidItemError(f"got {len(texts)} texts for {n} ids", field="text")
         if metadata is not None and len(metadata) != n:
@@ -678,18 +698,16 @@ class VectorIndex:
 
         with self._writer:
             self._check_open()
+            new_ids = frozenset(ids[j] for j in keep if ids[j] not in self._row_of)
             # Grow first: a failure here must happen before anything is acknowledged in the WAL.
-            self._ensure_capacity(len(self._ids) + sum(1 for j in keep if ids[j] not in self._row_of))
+            self._ensure_capacity(len(self._ids) + len(new_ids))
             if self._wal is not None:
                 self._wal.append(encode_put(ids[j], text_list[j], meta_json[j], normed[j]) for j in keep)
-            created = 0
             for start in range(0, len(keep), _APPLY_CHUNK):
                 with self._rw.write():
-                    created += self._upsert(
-                        ids, text_list, meta_json, meta_obj, normed, keep[start : start + _APPLY_CHUNK]
-                    )
+                    self._upsert(ids, text_list, meta_json, meta_obj, normed, keep[start : start + _APPLY_CHUNK])
             self._after_write()
-        return created
+        return new_ids
 
     def delete(self, item_id: str) -> bool:
         """Delete an item; returns whether it existed (deleting a missing id writes nothing)."""
@@ -994,12 +1012,18 @@ class VectorIndex:
         if self._durable:
             self._last_persisted = utcnow()
         threshold = self._auto_compact_bytes
-        if threshold is not None and self._wal.size_bytes >= max(threshold, self._snapshot_bytes):
+        if (threshold is not None and self._wal.size_bytes >= max(threshold, self._snapshot_bytes)
+                and time.monotonic() >= self._compact_retry_at):
             try:
                 self._compact_locked()
+                self._compact_backoff_s = 0.0
             except (OSError, IndexStoreError):
                 # The write itself is already safe in the WAL; failing it now would lie to the caller.
-                logger.exception("automatic compaction of the vector index at %s failed; will retry", self._dir)
+                backoff = max(COMPACT_RETRY_MIN_S, 2 * self._compact_backoff_s)
+                self._compact_backoff_s = min(COMPACT_RETRY_MAX_S, backoff)
+                self._compact_retry_at = time.monotonic() + self._compact_backoff_s
+                logger.exception("automatic compaction of the vector index at %s failed; next try in %.0f s",
+                                 self._dir, self._compact_backoff_s)
 
     def _compact_locked(self) -> None:
         n = len(self._ids)

@@ -572,36 +572,42 @@ def write_snapshot(
     if vectors.shape != (count, dim):
         raise ValueError(f"vectors shape {vectors.shape} does not match {count} items of dim {dim}")
     tmp = path.with_name(path.name + TMP_SUFFIX)
-    with tmp.open("wb") as f:
-        f.write(b"\0" * SNAPSHOT_HEADER_SIZE)
-        items_crc = 0
-        items_len = 0
-        for start in range(0, count, _SNAPSHOT_ROWS_PER_CHUNK):
-            stop = min(start + _SNAPSHOT_ROWS_PER_CHUNK, count)
-            block = "".join(
-                '{"id":'
-                + json.dumps(ids[i])
-                + ',"text":'
-                + canonical_json(texts[i])
-                + ',"metadata":'
-                + metadata_json[i]
-                + "}\n"
-                for i in range(start, stop)
-            ).encode("utf-8")
-            items_crc = zlib.crc32(block, items_crc)
-            items_len += len(block)
-            f.write(block)
-        vectors_crc = 0
-        for start in range(0, count, _SNAPSHOT_ROWS_PER_CHUNK):
-            chunk = np.ascontiguousarray(vectors[start : start + _SNAPSHOT_ROWS_PER_CHUNK], dtype=_LE_F32)
-            view = memoryview(chunk).cast("B")
-            vectors_crc = zlib.crc32(view, vectors_crc)
-            f.write(view)
-        head = _SNAP_HEADER.pack(_SNAP_MAGIC, FORMAT_VERSION, dim, count, items_len, items_crc, vectors_crc)
-        f.seek(0)
-        f.write(head + _SNAP_HEADER_CRC.pack(zlib.crc32(head)))
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with tmp.open("wb") as f:
+            f.write(b"\0" * SNAPSHOT_HEADER_SIZE)
+            items_crc = 0
+            items_len = 0
+            for start in range(0, count, _SNAPSHOT_ROWS_PER_CHUNK):
+                stop = min(start + _SNAPSHOT_ROWS_PER_CHUNK, count)
+                block = "".join(
+                    '{"id":'
+                    + json.dumps(ids[i])
+                    + ',"text":'
+                    + canonical_json(texts[i])
+                    + ',"metadata":'
+                    + metadata_json[i]
+                    + "}\n"
+                    for i in range(start, stop)
+                ).encode("utf-8")
+                items_crc = zlib.crc32(block, items_crc)
+                items_len += len(block)
+                f.write(block)
+            vectors_crc = 0
+            for start in range(0, count, _SNAPSHOT_ROWS_PER_CHUNK):
+                chunk = np.ascontiguousarray(vectors[start : start + _SNAPSHOT_ROWS_PER_CHUNK], dtype=_LE_F32)
+                view = memoryview(chunk).cast("B")
+                vectors_crc = zlib.crc32(view, vectors_crc)
+                f.write(view)
+            head = _SNAP_HEADER.pack(_SNAP_MAGIC, FORMAT_VERSION, dim, count, items_len, items_crc, vectors_crc)
+            f.seek(0)
+            f.write(head + _SNAP_HEADER_CRC.pack(zlib.crc32(head)))
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        # A half-written snapshot (disk full, a size limit) would keep its space until the next open.
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
     os.replace(tmp, path)
     fsync_dir(path.parent)
 

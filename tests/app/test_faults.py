@@ -150,6 +150,7 @@ def test_a_damaged_index_file_leaves_the_index_unavailable_with_a_recovery_messa
                 assert marker not in r.text, (marker, r.text)
         status = c.get("/v1/index").json()
         assert status["available"] is False and "rebuild" in status["message"]
+        assert "mmfusion_index_available 0.0" in c.get("/metrics").text  # alerting can tell it from an empty index
         assert str(settings.index_path) not in json.dumps(status)
         # The model keeps serving; the index was not replaced by an empty one.
         assert c.post("/v1/embed", json={"text": "a red circle"}).status_code == 200
@@ -239,6 +240,7 @@ def test_a_request_past_its_deadline_gets_504_and_its_queued_work_is_dropped(set
             assert r.status_code == 504, (text, r.text)
             assert r.json()["error"]["code"] == "timeout"
             assert "MMFUSION_REQUEST_TIMEOUT_S" in r.json()["error"]["message"]
+            assert "may have completed" not in r.json()["error"]["message"]  # not a write
             assert r.headers["x-request-id"]
         assert elapsed < 3.0, elapsed  # answered at the deadline (0.3 s), not when the stuck call ends (5 s)
         release.set()
@@ -249,6 +251,25 @@ def test_a_request_past_its_deadline_gets_504_and_its_queued_work_is_dropped(set
         assert not any(t.startswith("queued-") for t in encoded), encoded
         assert "after the timeouts" in encoded
         assert metrics.IN_FLIGHT._value.get() == 0  # type: ignore[attr-defined]
+
+
+def test_an_index_write_past_its_deadline_says_it_may_have_been_applied(settings: Any) -> None:
+    timed = settings.model_copy(update={"request_timeout_s": 0.3, "warmup": False})
+    with TestClient(create_app(timed)) as c:
+        assert c.post("/v1/index/items", json={"id": "a", "text": "a red circle"}).status_code == 201
+        index = c.app.state.service.index  # type: ignore[attr-defined]
+        real = index.delete
+
+        def slow_delete(item_id: str) -> bool:
+            time.sleep(0.6)  # a long compaction holding the writer, say
+            return real(item_id)
+
+        index.delete = slow_delete
+        r = c.delete("/v1/index/items/a")
+        assert r.status_code == 504
+        assert "may have completed: read the item before retrying" in r.json()["error"]["message"]
+        time.sleep(0.5)
+        assert c.get("/v1/index/items/a").status_code == 404  # it was applied: the message was right
 
 
 def test_requests_within_the_deadline_are_unaffected_and_zero_disables_it(settings: Any) -> None:

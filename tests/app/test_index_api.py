@@ -216,13 +216,13 @@ def test_batch_add_reports_per_item_and_writes_once(client, tiny_config, monkeyp
     client.post("/v1/index/items", json={"id": "old", "text": "a tiny green triangle"})
     index = client.app.state.service.index
     writes: list[int] = []
-    real = index.add_batch
+    real = index.upsert_batch
 
     def recording(ids, vectors, **kwargs):  # type: ignore[no-untyped-def]
         writes.append(len(ids))
         return real(ids, vectors, **kwargs)
 
-    monkeypatch.setattr(index, "add_batch", recording)
+    monkeypatch.setattr(index, "upsert_batch", recording)
     png = b64(demo_png(tiny_config.demo_dir, 3))
     items = [
         {"id": "t1", "text": "a large red circle", "metadata": {"n": 1}},

@@ -406,6 +406,57 @@ def test_auto_compaction_keeps_wal_small(tmp_path: Path) -> None:
     assert open_index(tmp_path / "idx", 8).count == 300
 
 
+def test_a_failed_auto_compaction_backs_off_instead_of_retrying_on_every_write(tmp_path: Path, monkeypatch) -> None:
+    import app.index.store as store_module
+    import app.index.wal as wal_module
+
+    attempts = []
+    real_write = wal_module.write_snapshot
+
+    def disk_full(path: Path, *args: object, **kwargs: object) -> None:
+        attempts.append(path)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(store_module, "write_snapshot", disk_full)
+    rng = np.random.default_rng(4)
+    index = open_index(tmp_path / "idx", 8, durable=False, auto_compact_bytes=1024)
+    vecs = unit_rows(rng, 200, 8)
+    for i in range(200):
+        index.add(f"a{i}", vecs[i])  # every write is acknowledged: the WAL has it
+    assert len(attempts) == 1  # not one full snapshot attempt per write after the first failure
+    monkeypatch.setattr(store_module, "write_snapshot", real_write)
+    index._compact_retry_at = 0.0  # the backoff has passed
+    index.add("last", vecs[0])
+    assert (tmp_path / "idx" / SNAPSHOT_FILE).exists() and index.count == 201
+    index.close()
+    assert open_index(tmp_path / "idx", 8).count == 201
+
+
+def test_a_snapshot_write_that_fails_removes_its_partial_file(tmp_path: Path, monkeypatch) -> None:
+    import app.index.wal as wal_module
+
+    path = tmp_path / SNAPSHOT_FILE
+    vectors = np.ones((3, 4), np.float32)
+
+    def fail_fsync(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(wal_module.os, "fsync", fail_fsync)
+    with pytest.raises(OSError):
+        wal_module.write_snapshot(path, 4, ["a", "b", "c"], [None] * 3, ["{}"] * 3, vectors)
+    assert not path.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_concurrent_batches_of_the_same_new_ids_call_each_id_new_exactly_once(tmp_path: Path) -> None:
+    index = open_index(tmp_path / "idx", 8, durable=False)
+    ids = [f"x{i}" for i in range(64)]
+    vecs = unit_rows(np.random.default_rng(5), 64, 8)
+    with ThreadPoolExecutor(3) as pool:
+        reports = list(pool.map(lambda _: index.upsert_batch(ids, vecs), range(3)))
+    assert sorted(i for report in reports for i in report) == sorted(ids)  # disjoint, and all of them
+    assert index.count == 64
+
+
 def test_kill_9_after_acknowledged_adds_loses_nothing(tmp_path: Path) -> None:
     script = textwrap.dedent(
         """

@@ -197,8 +197,9 @@ def test_the_metric_families_are_exported(api: TestClient) -> None:
     text = api.get("/metrics").text
     for name in ("mmfusion_requests_total", "mmfusion_request_duration_seconds", "mmfusion_errors_total",
                  "mmfusion_inference_duration_seconds", "mmfusion_batch_size", "mmfusion_queue_depth",
-                 "mmfusion_in_flight_requests", "mmfusion_index_items", "mmfusion_ready"):
+                 "mmfusion_in_flight_requests", "mmfusion_index_items", "mmfusion_index_available", "mmfusion_ready"):
         assert f"# TYPE {name} " in text, name
+    assert "mmfusion_index_available 1.0" in text
     assert 'mmfusion_queue_depth{stage="decode"}' in text
     assert 'mmfusion_inference_duration_seconds_count{graph="image_encoder"}' in text
 

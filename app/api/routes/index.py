@@ -230,13 +230,12 @@ async def add_items(request: Request, state: State, principal: AdminKey) -> Inde
             texts.append(text)
             rows.append(row)
         if ids:
-            existed = {item_id for item_id in ids if item_id in index}
             t = time.perf_counter()
-            await infer(lambda: index.add_batch(ids, vectors[rows], texts=texts, metadata=metas))
+            new_ids = await infer(lambda: index.upsert_batch(ids, vectors[rows], texts=texts, metadata=metas))
             timings.add("index_write", t)
             for item_id, row in zip(ids, rows, strict=True):
                 i = good[row][0]
-                created = item_id not in existed
+                created = item_id in new_ids
                 results[i] = IndexBatchResult(index=i, id=item_id, status=201 if created else 200, created=created,
                                               embedded_from=kinds[row])
             _audit(principal, "batch add", ids, index.count)
@@ -302,7 +301,7 @@ async def index_status(state: State) -> IndexStatusResponse:
     if index is None:
         return IndexStatusResponse(available=False, message=state.notes.get("index", "the index is not available"),
                                    index_bundle=_disk_identity(state), loaded_bundle=loaded)
-    s = index.stats()
+    s = await infer(index.stats)  # it takes the index lock, which a long write or compaction may hold
     return IndexStatusResponse(
         available=not s.closed, count=s.count, dimension=s.dim, backend=s.backend, durable=s.durable,
         last_persisted=s.last_persisted.isoformat() if s.last_persisted else None,
