@@ -457,6 +457,42 @@ def test_concurrent_batches_of_the_same_new_ids_call_each_id_new_exactly_once(tm
     assert index.count == 64
 
 
+@pytest.mark.parametrize("share", [0.1, 0.5, 0.9, 1.0])
+def test_filtered_search_is_the_exact_top_k_among_matching_items_narrow_or_broad(tmp_path: Path,
+                                                                                share: float) -> None:
+    rng = np.random.default_rng(6)
+    index = open_index(tmp_path / "idx", 16, durable=False)
+    n = 400
+    vecs = unit_rows(rng, n, 16)
+    match = rng.random(n) < share
+    index.add_batch([f"m{i}" for i in range(n)], vecs, metadata=[{"tag": "yes" if m else "no"} for m in match])
+    query = unit_rows(rng, 1, 16)[0]
+    for k in (1, 10, n):
+        hits = index.search(query, k=k, filter={"tag": "yes"})[0]
+        expected = sorted(np.flatnonzero(match), key=lambda i: -float(vecs[i] @ query))[:k]
+        assert [h.id for h in hits] == [f"m{i}" for i in expected]
+        assert all(h.metadata == {"tag": "yes"} for h in hits)
+
+
+def test_a_repeated_filter_sees_every_write_in_between(tmp_path: Path) -> None:
+    index = open_index(tmp_path / "idx", 8, durable=False)
+    rng = np.random.default_rng(7)
+    vecs = unit_rows(rng, 6, 8)
+    index.add_batch([f"r{i}" for i in range(5)], vecs[:5], metadata=[{"c": "red"}] * 3 + [{"c": "blue"}] * 2)
+
+    def red() -> set[str]:
+        return {h.id for h in index.search(vecs[0], k=10, filter={"c": "red"})[0]}
+
+    assert red() == {"r0", "r1", "r2"}  # built and cached
+    index.add("r5", vecs[5], metadata={"c": "red"})
+    assert red() == {"r0", "r1", "r2", "r5"}
+    index.delete("r0")  # the last row moves into r0's slot
+    assert red() == {"r1", "r2", "r5"}
+    index.add("r1", vecs[1], metadata={"c": "blue"})  # replaced: no longer red
+    assert red() == {"r2", "r5"}
+    assert {h.id for h in index.search(vecs[0], k=10, filter={"c": "red", "x": 1})[0]} == set()
+
+
 def test_kill_9_after_acknowledged_adds_loses_nothing(tmp_path: Path) -> None:
     script = textwrap.dedent(
         """
