@@ -11,6 +11,7 @@ TRAIN_COMMANDS = {"train", "export", "verify", "build-default", "evaluate", "abl
 
 def _serve(argv: list[str]) -> int:
     import os
+    import socket
 
     import uvicorn
 
@@ -49,8 +50,16 @@ def _serve(argv: list[str]) -> int:
     # The drain after SIGTERM waits for requests in flight up to their own deadline (plus the batchers'
     # last batch); with no deadline (0) it waits for them all. Docker: --stop-timeout above this.
     drain_s = settings.request_timeout_s + 5 if settings.request_timeout_s > 0 else None
+    try:  # a port in use is found now, not after the model has loaded for seconds
+        with socket.create_server((settings.host, settings.port), reuse_port=False):
+            pass
+    except OSError as exc:
+        print(f"error: cannot listen on {settings.host}:{settings.port} ({exc.strerror}); set --port or "
+              "MMFUSION_PORT", file=sys.stderr)
+        return 2
     uvicorn.run("app.main:app", host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=drain_s)
+                timeout_graceful_shutdown=drain_s, root_path=settings.root_path, proxy_headers=True,
+                forwarded_allow_ips=settings.forwarded_allow_ips, timeout_keep_alive=settings.keep_alive_s)
     return 0
 
 

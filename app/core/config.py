@@ -48,6 +48,15 @@ class Settings(BaseSettings):
     bundle: Path = Field(default=Path("models/default"), description="Model bundle directory.")
     host: str = "0.0.0.0"
     port: int = Field(default=8000, ge=1, le=65535)
+    root_path: str = Field(default="", description="Path prefix a reverse proxy serves the app under (uvicorn's "
+                           "--root-path), e.g. /mmfusion: the docs and OpenAPI links then carry it.")
+    forwarded_allow_ips: str = Field(
+        default="127.0.0.1", description="Proxies trusted for X-Forwarded-For/-Proto (uvicorn's --forwarded-allow-ips; "
+        "comma-separated, * for any): the access log then shows the client's address, not the proxy's.")
+    keep_alive_s: int = Field(
+        default=5, ge=1, le=3600, description="Idle keep-alive timeout of client connections (uvicorn's "
+        "--timeout-keep-alive). Behind a load balancer set it above the balancer's idle timeout (AWS ALB: 60 s, "
+        "so 65), or the balancer reuses connections the server just closed and answers 502.")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("log_level", mode="before")

@@ -63,3 +63,22 @@ def test_uvicorn_app_main_app_refuses_bad_settings_without_a_traceback(tmp_path)
     assert proc.returncode != 0
     assert "MMFUSION_MAX_QUEUE_DELAY_MS=inf: Input should be a finite number" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_serve_refuses_a_port_in_use_before_loading_the_model(monkeypatch, capsys, tiny_bundle) -> None:
+    import socket
+
+    from app.core.config import get_settings
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        get_settings.cache_clear()
+        monkeypatch.setenv("MMFUSION_BUNDLE", str(tiny_bundle))
+        for name in ("MMFUSION_HOST", "MMFUSION_PORT"):  # serve writes --host/--port there: restored after
+            monkeypatch.setenv(name, "")
+        try:
+            assert main(["serve", "--host", "127.0.0.1", "--port", str(port)]) == 2
+        finally:
+            get_settings.cache_clear()
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot listen on 127.0.0.1:{port}") and "MMFUSION_PORT" in err
