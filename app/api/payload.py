@@ -28,6 +28,7 @@ import binascii
 import codecs
 import json
 import math
+import re
 import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -159,6 +160,21 @@ def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
             raise _DuplicateKey(key)
         out[key] = value
     return out
+
+
+_FORM_INT = re.compile(r"-?[0-9]{1,18}")
+
+
+def integer_field(raw: object, field: str) -> int:
+    """An integer from a JSON body (already an int: strict validation) or a form field (its text).
+
+    Form text must be plain ASCII digits, like a JSON number: ``int()`` alone also took " 5", "1_0"
+    and "٥" (Arabic-Indic five), which the JSON body refuses."""
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str) and _FORM_INT.fullmatch(raw):
+        return int(raw)
+    raise InvalidFieldError(f"{field} must be an integer", field=field)
 
 
 def _parse_float(text: str) -> float | _Refused:

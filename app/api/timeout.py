@@ -9,7 +9,10 @@ and the client gets ``504 {"error": {"code": "timeout", ...}}``. Work already ha
 decode in progress, a graph call already running for a whole batch) cannot be interrupted by Python;
 it finishes and its result is thrown away.
 
-The deadline covers the whole request, body upload included (a slow-loris upload is cut off too).
+The deadline covers the whole request from the moment its headers are parsed, body upload included (a
+slow-loris *body* is cut off too). A client that trickles its *headers*, or opens a connection and sends
+nothing, is uvicorn's to time out, and uvicorn has no header timeout: run the service behind a proxy that
+has one (nginx ``client_header_timeout``, every cloud load balancer), as README's Security section says.
 Once the response has started it can no longer be replaced, so the deadline then closes the
 connection instead (logged). ``0`` disables it.
 """

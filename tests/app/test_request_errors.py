@@ -646,3 +646,14 @@ def test_json_in_a_form_field_is_strict_and_names_the_field() -> None:
             parse_json_field(raw, "filter")
         assert err.value.field == field, (raw[:20], err.value.field)
         assert err.value.message.startswith("filter is not valid JSON"), err.value.message
+
+
+@pytest.mark.parametrize("value", [" 5", "5 ", "1_0", "\u0665", "+5", "0x5", "5.0"])
+def test_form_integers_are_plain_ascii_digits_like_json_numbers(api: TestClient, value: str) -> None:
+    def form(**fields: str) -> dict:  # multipart form fields, no file
+        return {name: (None, text) for name, text in fields.items()}
+
+    assert_error(api.post("/v1/search", files=form(text="hi", k=value)), 422, "invalid_field", "k")
+    assert_error(api.post("/v1/classify", files={"image": ("x.png", base64.b64decode(PNG_B64), "image/png")},
+                          data={"text": "hi", "top_k": value}), 422, "invalid_field", "top_k")
+    assert api.post("/v1/search", files=form(text="hi", k="5")).status_code == 200

@@ -13,7 +13,15 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel
 
 from app.api.openapi import IMAGE_PART, error_responses, form_or_json_body, json_body
-from app.api.payload import check_text, content_type, decode_base64, parse_json, read_payload, validate_model
+from app.api.payload import (
+    check_text,
+    content_type,
+    decode_base64,
+    integer_field,
+    parse_json,
+    read_payload,
+    validate_model,
+)
 from app.api.schemas import (
     ClassifyBatchItem,
     ClassifyBatchRequest,
@@ -50,10 +58,7 @@ CLASSIFY_BODY = form_or_json_body(ClassifyJSONRequest, {
 def parse_top_k(raw: object, n_labels: int) -> int:
     if raw is None or raw == "":
         return n_labels
-    try:
-        k = int(str(raw))
-    except ValueError:
-        raise InvalidFieldError("top_k must be an integer", field="top_k") from None
+    k = integer_field(raw, "top_k")
     if k < 1:
         raise InvalidFieldError("top_k must be >= 1", field="top_k")
     return min(k, n_labels)

@@ -21,6 +21,7 @@ from fastapi import APIRouter, Request
 from app.api.openapi import IMAGE_PART, error_responses, form_or_json_body
 from app.api.payload import (
     check_text,
+    integer_field,
     parse_json_field,
     read_payload,
 )
@@ -167,10 +168,7 @@ def public_metadata(metadata: dict | None) -> dict:
 
 
 def _parse_k(raw: object, max_k: int) -> int:
-    try:
-        k = int(str(raw)) if raw is not None and raw != "" else 10
-    except ValueError:
-        raise InvalidFieldError("k must be an integer", field="k") from None
+    k = integer_field(raw, "k") if raw is not None and raw != "" else 10
     if not 1 <= k <= max_k:
         raise InvalidFieldError(f"k must be between 1 and {max_k} (MMFUSION_MAX_TOP_K)", field="k")
     return k
