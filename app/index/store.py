@@ -505,6 +505,13 @@ class VectorIndex:
                     manifest.write(manifest_path)
                 if not wal_path.exists():
                     raise IndexCorruptError(wal_path, "is missing although index.json exists", index_dir=directory)
+                if manifest.has_snapshot and not snapshot_path.exists():
+                    raise IndexCorruptError(
+                        snapshot_path, "is missing although the index has been compacted (index.json says so): "
+                        "the items compacted into it are not in the WAL any more", index_dir=directory)
+                if snapshot_path.exists() and not manifest.has_snapshot:  # written before the key existed
+                    manifest = dataclasses.replace(manifest, has_snapshot=True)
+                    manifest.write(manifest_path)
             else:
                 for existing in (wal_path, snapshot_path):
                     if existing.exists():
@@ -1079,6 +1086,9 @@ class VectorIndex:
         snapshot_path = self._dir / SNAPSHOT_FILE
         write_snapshot(snapshot_path, self._dim, self._ids, self._texts, self._metadata, self._vectors[:n])
         self._snapshot_bytes = snapshot_path.stat().st_size
+        if self._manifest is not None and not self._manifest.has_snapshot:  # before the WAL forgets anything
+            self._manifest = dataclasses.replace(self._manifest, has_snapshot=True)
+            self._manifest.write(self._dir / MANIFEST_FILE)
         self._wal.reset()
         now = utcnow()
         self._last_persisted = self._last_compacted = now

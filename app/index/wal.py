@@ -3,7 +3,7 @@
 Layout of an index directory::
 
     index.json     bundle identity: {"format_version", "bundle_name", "bundle_version", "dim", "created_at",
-                   "embedding_fingerprint" (optional)}
+                   "embedding_fingerprint" (optional), "has_snapshot" (optional: true once compacted)}
     snapshot.bin   full state at the last compaction (absent until the first one)
     wal.log        every acknowledged change since that snapshot, append-only
     LOCK           flock()ed while a VectorIndex has the directory open
@@ -194,6 +194,10 @@ class IndexManifest:
     embedding_fingerprint: str | None = None
     """The bundle's ``BundleManifest.embedding_fingerprint()``; None in indexes written before it existed
     (the key is optional, so the format version did not change)."""
+    has_snapshot: bool = False
+    """A snapshot has been written (compaction resets the WAL, so from then on the snapshot holds items
+    the WAL does not): a missing ``snapshot.bin`` is then corruption, not an empty index. Optional key,
+    recorded at the first compaction or at the first open that finds a snapshot."""
 
     @property
     def identity(self) -> tuple[str, str, int]:
@@ -216,7 +220,8 @@ class IndexManifest:
                 "dim": self.dim,
                 "created_at": self.created_at.isoformat(),
             }
-            | ({"embedding_fingerprint": self.embedding_fingerprint} if self.embedding_fingerprint else {}),
+            | ({"embedding_fingerprint": self.embedding_fingerprint} if self.embedding_fingerprint else {})
+            | ({"has_snapshot": True} if self.has_snapshot else {}),
             indent=2,
         )
 
@@ -258,8 +263,11 @@ class IndexManifest:
         fingerprint = raw.get("embedding_fingerprint")
         if fingerprint is not None and (not isinstance(fingerprint, str) or not fingerprint):
             raise IndexCorruptError(path, f"has an invalid 'embedding_fingerprint' {fingerprint!r}")
+        has_snapshot = raw.get("has_snapshot", False)
+        if not isinstance(has_snapshot, bool):
+            raise IndexCorruptError(path, f"has an invalid 'has_snapshot' {has_snapshot!r}")
         return cls(bundle_name=name, bundle_version=bundle_version, dim=dim, created_at=created_at,
-                   embedding_fingerprint=fingerprint)
+                   embedding_fingerprint=fingerprint, has_snapshot=has_snapshot)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -493,6 +493,32 @@ def test_a_repeated_filter_sees_every_write_in_between(tmp_path: Path) -> None:
     assert {h.id for h in index.search(vecs[0], k=10, filter={"c": "red", "x": 1})[0]} == set()
 
 
+def test_a_compacted_index_that_lost_its_snapshot_is_corrupt_not_empty(tmp_path: Path) -> None:
+    index = open_index(tmp_path / "idx", 8, durable=False)
+    index.add_batch([f"s{i}" for i in range(10)], unit_rows(np.random.default_rng(8), 10, 8))
+    index.compact()
+    index.close()
+    assert json.loads((tmp_path / "idx" / "index.json").read_text())["has_snapshot"] is True
+    (tmp_path / "idx" / SNAPSHOT_FILE).unlink()
+    with pytest.raises(IndexCorruptError, match="is missing although the index has been compacted"):
+        open_index(tmp_path / "idx", 8)
+
+
+def test_an_index_from_before_the_snapshot_flag_records_it_on_open(tmp_path: Path) -> None:
+    index = open_index(tmp_path / "idx", 8, durable=False)
+    index.add("a", np.ones(8))
+    index.compact()
+    index.close()
+    path = tmp_path / "idx" / "index.json"
+    raw = json.loads(path.read_text())
+    del raw["has_snapshot"]  # as written by the previous version
+    path.write_text(json.dumps(raw))
+    reopened = open_index(tmp_path / "idx", 8)
+    assert reopened.count == 1
+    reopened.close()
+    assert json.loads(path.read_text())["has_snapshot"] is True
+
+
 def test_kill_9_after_acknowledged_adds_loses_nothing(tmp_path: Path) -> None:
     script = textwrap.dedent(
         """
