@@ -305,7 +305,8 @@ def cmd_import(args: argparse.Namespace) -> int:
                             new = index.add_batch(ids, vectors[keep], texts=texts, metadata=metas)
                         except MMFusionError as exc:
                             for j in keep:
-                                report.fail(good[j][0].row, f"the index refused the batch: {exc.message}", ids[0])
+                                prep = good[j][0]
+                                report.fail(prep.row, f"the index refused the batch: {exc.message}", prep.id)
                         else:
                             added += new
                             replaced += len(ids) - new

@@ -11,6 +11,7 @@ a 500 raised at start-up, with a message that says how to recover, because an op
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 from app.core.errors import MMFusionError
@@ -47,6 +48,24 @@ class IndexStoreError(MMFusionError):
 
     def __str__(self) -> str:
         return self.detail or self.message
+
+
+class IndexWriteError(IndexStoreError):
+    """The disk refused an index write (full, over quota, read-only, failing). Nothing was stored: the
+    write-ahead log is rolled back. 507 when space is the cause (an operator must free some), else 503."""
+
+    status_code = 503
+    code = "index_write_failed"
+
+    def __init__(self, exc: OSError, path: Path):
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        reason = exc.strerror or type(exc).__name__
+        super().__init__(f"the vector index could not write to disk ({reason}); nothing was stored"
+                         + ("; free disk space, then retry" if full else ""))
+        if full:
+            self.status_code = 507
+            self.code = "insufficient_storage"
+        self.detail = f"{self.message} [{path}: {exc}]"
 
 
 class InvalidItemIdError(IndexStoreError):

@@ -778,6 +778,11 @@ class VectorIndex:
             try:
                 if self._wal is not None:
                     self._compact_locked()
+            except (OSError, IndexStoreError):
+                # Nothing is lost: the WAL holds every acknowledged write and the next open replays it. Raising
+                # here turned a full disk into a failed shutdown (and a traceback from `mmfusion index import`).
+                logger.exception("final compaction of the vector index at %s failed; the WAL keeps every write and "
+                                 "the next open replays it", self._dir)
             finally:
                 with self._rw.write():
                     self._closed = True

@@ -58,7 +58,7 @@ from typing import Any
 
 import numpy as np
 
-from app.index.errors import IndexCorruptError, IndexLockedError, IndexStoreError
+from app.index.errors import IndexCorruptError, IndexLockedError, IndexStoreError, IndexWriteError
 
 try:  # POSIX only; elsewhere the directory is simply not locked.
     import fcntl
@@ -529,11 +529,13 @@ class WriteAheadLog:
                 written += buffered
             if self.durable:
                 os.fsync(fd)
-        except BaseException:
+        except BaseException as exc:
             try:
                 os.ftruncate(fd, start)
-            except OSError as exc:  # pragma: no cover - disk gone
-                self._failed = f"could not roll back a failed append ({exc})"
+            except OSError as rollback:  # pragma: no cover - disk gone
+                self._failed = f"could not roll back a failed append ({rollback})"
+            if isinstance(exc, OSError):  # a typed answer (507 when the disk is full), not a bare 500
+                raise IndexWriteError(exc, self.path) from exc
             raise
         self._size = start + written
 

@@ -850,3 +850,27 @@ def test_random_operation_sequences_match_a_dict_model(ops: list[tuple[Any, ...]
             assert got.metadata == {"g": grp}
         _check_hits(index.search(np.ones(PROP_DIM), k=10)[0], model, [1] * PROP_DIM, 10, None)
         index.close()
+
+
+@pytest.mark.parametrize(("err", "status", "code"), [(28, 507, "insufficient_storage"), (5, 503, "index_write_failed")])
+def test_a_write_the_disk_refuses_is_a_typed_error_and_stores_nothing(tmp_path: Path, monkeypatch, err: int,
+                                                                      status: int, code: str) -> None:
+    import app.index.wal as wal_module
+    from app.index import IndexWriteError
+
+    index = open_index(tmp_path / "idx", 8)
+    index.add("kept", np.ones(8))
+
+    def refuse(fd: int, data: object) -> None:
+        raise OSError(err, os.strerror(err))
+
+    monkeypatch.setattr(wal_module, "_write_all", refuse)
+    with pytest.raises(IndexWriteError) as info:
+        index.add("lost", np.ones(8))
+    assert info.value.status_code == status and info.value.code == code
+    assert "nothing was stored" in info.value.message and str(tmp_path) not in info.value.message
+    monkeypatch.undo()
+    assert index.ids() == ["kept"]
+    index.add("after", np.ones(8))  # the log was rolled back and still works
+    index.close()
+    assert sorted(open_index(tmp_path / "idx", 8).ids()) == ["after", "kept"]

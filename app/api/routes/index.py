@@ -60,7 +60,7 @@ log = logging.getLogger("mmfusion.index.api")
 router = APIRouter(prefix="/v1/index", tags=["index"])
 
 ItemId = Annotated[str, Path(description=ITEM_ID_DESCRIPTION + " Anything else is 422.", examples=["sku-123"])]
-_WRITE_ERRORS = error_responses(400, 413, 415, 422, 503)
+_WRITE_ERRORS = error_responses(400, 413, 415, 422, 503, 507)  # 507: disk full, nothing stored
 
 ADD_BODY = form_or_json_body(IndexItemJSONRequest, {
     "id": {"type": "string", "example": "sku-123"},
@@ -265,7 +265,7 @@ async def get_item(
 
 
 @router.delete("/items/{item_id:path}", response_model=IndexDeleteResponse,
-               responses=error_responses(404, 422, 503),
+               responses=error_responses(404, 422, 503, 507),
                summary="Delete one item (404 if there is none with this id)")
 async def delete_item(item_id: ItemId, state: State, principal: AdminKey) -> IndexDeleteResponse:
     index = state.require_index()
