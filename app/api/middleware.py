@@ -125,6 +125,9 @@ class TrackedSend:
         await self._send(message)
 
 
+# The access log keeps this much of a User-Agent (a client chooses its length).
+_MAX_AGENT_CHARS = 200
+
 _ROUTE_TEMPLATES: weakref.WeakKeyDictionary[Any, list[tuple[re.Pattern[str], str]]] = weakref.WeakKeyDictionary()
 
 
@@ -195,17 +198,23 @@ class RequestIdMiddleware:
             return
         start = time.perf_counter()
         rid = ""
+        agent = ""
         for name, value in scope.get("headers", []):
             if name == b"x-request-id":
                 candidate = value.decode("latin-1")
                 if _valid_request_id(candidate):
                     rid = candidate
+            elif name == b"user-agent":
+                agent = value[:_MAX_AGENT_CHARS].decode("latin-1")
         rid = rid or uuid.uuid4().hex
         token = request_id_var.set(rid)
         status = 0
+        sent = 0
 
         async def send_wrapped(message: Message) -> None:
-            nonlocal status
+            nonlocal status, sent
+            if message["type"] == "http.response.body":
+                sent += len(message.get("body", b""))
             if message["type"] == "http.response.start":
                 status = message["status"]
                 headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
@@ -233,9 +242,14 @@ class RequestIdMiddleware:
             route = getattr(scope.get("route"), "path", None) or _route_template(scope)
             method = scope.get("method", "-")
             final = status or 500
+            # The client as uvicorn saw it: the peer, or with MMFUSION_FORWARDED_ALLOW_IPS trusting the proxy,
+            # the address the proxy forwarded.
+            client = scope.get("client")
             access_log.info("%s %s %s %.1fms", method, scope.get("path", ""), final, duration * 1000,
                             extra={"method": method, "path": scope.get("path", ""), "route": route,
-                                   "status": final, "duration_ms": round(duration * 1000, 3)})
+                                   "status": final, "duration_ms": round(duration * 1000, 3),
+                                   "client": f"{client[0]}:{client[1]}" if client else None,
+                                   "bytes_sent": sent, "user_agent": agent or None})
             if self.record_metrics:
                 metrics.IN_FLIGHT.dec()
                 metrics.REQUESTS.labels(method, route, str(final)).inc()

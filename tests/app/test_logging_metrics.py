@@ -124,6 +124,26 @@ def test_one_access_line_per_request_with_method_path_route_status_duration(api:
         assert isinstance(line["duration_ms"], float) and line["duration_ms"] >= 0
         assert re.fullmatch(r"[0-9a-f]{32}", line["request_id"])
         assert line["level"] == "info" and line["ts"].endswith("Z")
+        assert line["client"] and line["user_agent"].startswith("testclient") and line["bytes_sent"] > 0
+
+
+def test_an_exception_escaping_a_thread_is_a_json_log_line(logs: Collect, monkeypatch) -> None:
+    import threading
+
+    from app.core import logging as service_logging
+
+    monkeypatch.setattr(threading, "excepthook", threading.excepthook)  # restored after the test
+    service_logging.configure_logging("info")  # installs the hook (and replaces the handlers: re-add ours)
+    logging.getLogger("mmfusion").addHandler(logs)
+
+    def boom() -> None:
+        raise RuntimeError("escaped")
+
+    t = threading.Thread(target=boom, name="worker-x")
+    t.start()
+    t.join()
+    lines = [line for line in logs.lines if "worker-x" in line["msg"]]
+    assert lines and lines[0]["logger"] == "mmfusion.thread" and "RuntimeError: escaped" in lines[0]["exc"]
 
 
 def test_an_unexpected_error_is_logged_once_with_the_request_id_and_its_traceback(api: TestClient, logs: Collect
