@@ -108,10 +108,23 @@ def _export(
     proto = onnx.load(str(path))
     onnx.checker.check_model(proto, full_check=True)
     graph = proto.graph
+    # The exporter names output axes it cannot size statically after the op that made them
+    # ("Divimage_embedding_dim_1"); only the declared dynamic axes (batch, sequence) vary, so every other
+    # axis is recorded with the size the module really produces, and the manifest states the widths
+    # that the server checks (app/inference/contract.py).
+    with torch.no_grad():
+        produced = module(*args)
+    produced = produced if isinstance(produced, tuple | list) else (produced,)
+    outputs_spec = []
+    for spec, tensor in zip(_tensor_specs(list(graph.output)), produced, strict=True):
+        dynamic_names = set(dynamic.get(spec.name, {}).values())
+        shape = [d if isinstance(d, int) or d in dynamic_names else int(tensor.shape[axis])
+                 for axis, d in enumerate(spec.shape)]
+        outputs_spec.append(spec.model_copy(update={"shape": shape}))
     return GraphSpec(
         opset=OPSET,
         inputs=_tensor_specs(list(graph.input)),
-        outputs=_tensor_specs(list(graph.output)),
+        outputs=outputs_spec,
         variants={"fp32": GraphFile(file=path.name, sha256=sha256_file(path), size_bytes=path.stat().st_size)},
     )
 

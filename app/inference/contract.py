@@ -105,6 +105,16 @@ def probe_graphs(bundle_dir: Path, manifest: BundleManifest, sessions: Mapping[s
         raise BundleError(f"bundle {bundle_dir}: the fusion head takes {missing}, which no encoder outputs")
     probs = _run(bundle_dir, head, {n: available[n] for n in head_inputs}, "the encoders' outputs")
     errors: list[str] = []
+    for role, produced in (("image_encoder", image), ("text_encoder", text), ("fusion_head", probs)):
+        gs = sessions[role]
+        file = gs.spec.variants[gs.precision].file  # type: ignore[index]
+        for spec in gs.spec.outputs:
+            value = produced.get(spec.name)
+            if value is None or value.ndim != len(spec.shape):
+                continue  # missing outputs and ranks are check_declared_shapes' to report
+            for axis, (want, got) in enumerate(zip(spec.shape, value.shape, strict=True)):
+                if isinstance(want, int) and want != got:
+                    errors.append(f"{file} output {spec.name!r} axis {axis} is {got}, the manifest declares {want}")
     width = probs["probabilities"].shape[-1]
     if width != len(manifest.labels):
         errors.append(f"{len(manifest.labels)} labels in the manifest but "

@@ -64,3 +64,13 @@ def test_text_features_do_not_depend_on_batch_padding(tiny_bundle: Path) -> None
     alone, _ = pipe.embed_texts(["what color is the circle?"])
     padded, _ = pipe.embed_texts(["what color is the circle?", "is there a small blue square at the bottom left ?"])
     np.testing.assert_allclose(alone[0], padded[0], atol=1e-5)
+
+
+def test_the_manifest_states_every_axis_but_batch_and_sequence(tiny_bundle: Path) -> None:
+    manifest = load_bundle_manifest(tiny_bundle)
+    for role, spec in manifest.graphs.items():
+        for tensor in (*spec.inputs, *spec.outputs):
+            symbolic = [d for d in tensor.shape if isinstance(d, str)]
+            assert set(symbolic) <= {"batch", "sequence"}, (role, tensor.name, tensor.shape)
+    assert manifest.graphs["fusion_head"].outputs[0].shape == ["batch", len(manifest.labels)]
+    assert manifest.graphs["image_encoder"].outputs[-1].shape[-1] == manifest.embedding_dim
