@@ -54,6 +54,16 @@ def tiny_bundle(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 
 
 @pytest.fixture
+def bundle_copy(tiny_bundle: Path, tmp_path: Path) -> Path:
+    """A private copy of the tiny bundle, for tests that tamper with it."""
+    import shutil
+
+    dst = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, dst)
+    return dst
+
+
+@pytest.fixture
 def settings(tiny_bundle: Path, tmp_path: Path):
     from app.core.config import Settings
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -13,22 +12,11 @@ import pytest
 from app.core.config import Settings
 from app.core.errors import BundleError
 from app.inference.pipeline import ModelPipeline
-
-
-@pytest.fixture
-def bundle_copy(tiny_bundle: Path, tmp_path: Path) -> Path:
-    dst = tmp_path / "bundle"
-    shutil.copytree(tiny_bundle, dst)
-    return dst
+from tests.helpers.bundles import edit_manifest as edit_bundle_manifest
 
 
 def edit_manifest(bundle: Path, edit) -> dict:  # type: ignore[no-untyped-def]
-    path = bundle / "manifest.json"
-    data = json.loads(path.read_text())
-    edit(data)
-    path.write_text(json.dumps(data))
-    (bundle / data["labels_file"]).write_text("\n".join(data["labels"]) + "\n", encoding="utf-8")
-    return data
+    return edit_bundle_manifest(bundle, edit, sync_labels_file=True)
 
 
 def load(bundle: Path) -> ModelPipeline:

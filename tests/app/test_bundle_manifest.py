@@ -2,28 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import pytest
 
 from app.bundle import BundleManifest, load_bundle_manifest
 from app.core.errors import BundleError
-
-
-@pytest.fixture
-def bundle_copy(tiny_bundle: Path, tmp_path: Path) -> Path:
-    dst = tmp_path / "bundle"
-    shutil.copytree(tiny_bundle, dst)
-    return dst
-
-
-def _edit_manifest(bundle: Path, edit) -> None:  # type: ignore[no-untyped-def]
-    path = bundle / "manifest.json"
-    data = json.loads(path.read_text())
-    edit(data)
-    path.write_text(json.dumps(data))
+from tests.helpers.bundles import edit_manifest as _edit_manifest
 
 
 def test_exported_manifest_validates_and_lists_every_graph(tiny_bundle: Path) -> None:
