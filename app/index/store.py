@@ -108,7 +108,7 @@ _NORMALISE_CHUNK = 16_384
 # Up to this many queries go through numpy (gemv + argpartition); larger batches through faiss.knn.
 _NUMPY_MAX_QUERIES = 1
 
-_FilterKey: TypeAlias = tuple[str, str | int | float | bool | None]
+_FilterKey: TypeAlias = str | tuple[str, int | float | bool | None]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -263,7 +263,9 @@ def validate_metadata(metadata: object, item_id: str) -> tuple[str, dict[str, An
 def _filter_key(value: object) -> _FilterKey | None:
     """Hashable key for equality filtering; None for values that cannot be filtered on.
 
-    JSON semantics: ``true`` is not ``1``, but ``1`` equals ``1.0``.
+    JSON semantics: ``true`` is not ``1``, but ``1`` equals ``1.0``. A string is its own key (the most
+    common value, and a tagged tuple per posting cost 56 bytes more); the other types are tagged tuples,
+    which never equal a string.
     """
     if value is None:
         return ("null", None)
@@ -272,7 +274,7 @@ def _filter_key(value: object) -> _FilterKey | None:
     if isinstance(value, int | float):
         return ("num", value)
     if isinstance(value, str):
-        return ("str", value)
+        return value
     return None
 
 
@@ -429,7 +431,9 @@ class VectorIndex:
         self._texts: list[str | None] = []
         self._metadata: list[str] = []  # canonical JSON per row: immutable, compact, snapshot-ready
         self._row_of: dict[str, int] = {}
-        self._postings: dict[str, dict[_FilterKey, set[str]]] = {}
+        # key -> value -> the ids holding it: one id as a plain str, two or more as a set. Most keys of a
+        # catalogue are unique per item (sku, url): a one-element set per value cost ~216 bytes more.
+        self._postings: dict[str, dict[_FilterKey, str | set[str]]] = {}
         # Sorted row numbers per filter condition, built on first use and dropped by every write: a
         # broad filter's ids -> rows walk costs ~90 ms at 180k matching items, the cached array nothing.
         self._filter_rows: dict[tuple[str, _FilterKey], np.ndarray] = {}
@@ -1013,7 +1017,15 @@ class VectorIndex:
         for key, value in meta.items():
             fk = _filter_key(value)
             if fk is not None:
-                self._postings.setdefault(key, {}).setdefault(fk, set()).add(item_id)
+                by_value = self._postings.setdefault(key, {})
+                members = by_value.get(fk)
+                if members is None:
+                    by_value[fk] = item_id
+                elif isinstance(members, str):
+                    if members != item_id:
+                        by_value[fk] = {members, item_id}
+                else:
+                    members.add(item_id)
 
     def _unindex_metadata(self, item_id: str, meta_json: str) -> None:
         if meta_json == _EMPTY_METADATA_JSON:
@@ -1028,11 +1040,16 @@ class VectorIndex:
             members = by_value.get(fk)
             if members is None:
                 continue
-            members.discard(item_id)
-            if not members:
+            if isinstance(members, str):
+                if members != item_id:
+                    continue
                 del by_value[fk]
-                if not by_value:
-                    del self._postings[key]
+            else:
+                members.discard(item_id)
+                if len(members) == 1:
+                    by_value[fk] = next(iter(members))
+            if not by_value:
+                del self._postings[key]
 
     def _matching_rows(self, conditions: list[tuple[str, _FilterKey]]) -> np.ndarray:
         """Sorted rows matching every condition (callers hold the read lock; the arrays are shared, read-only)."""
@@ -1044,6 +1061,8 @@ class VectorIndex:
                 members = self._postings.get(key, {}).get(fk)
                 if not members:
                     return np.empty(0, dtype=np.int64)
+                if isinstance(members, str):
+                    members = (members,)
                 # map over the dict's own __getitem__ stays in C, unlike a generator expression.
                 rows = np.fromiter(map(self._row_of.__getitem__, members), dtype=np.int64, count=len(members))
                 rows.sort()  # sequential gathers are kinder to the cache, and intersect1d wants them sorted

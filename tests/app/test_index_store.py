@@ -519,6 +519,26 @@ def test_an_index_from_before_the_snapshot_flag_records_it_on_open(tmp_path: Pat
     assert json.loads(path.read_text())["has_snapshot"] is True
 
 
+def test_a_value_held_by_one_item_then_two_then_none_filters_right_and_leaves_no_postings(tmp_path: Path) -> None:
+    index = open_index(tmp_path / "idx", 8, durable=False)
+    v = np.ones(8)
+
+    def holders(value: object) -> set[str]:
+        return {h.id for h in index.search(v, k=10, filter={"sku": value})[0]}
+
+    index.add("a", v, metadata={"sku": "x1", "n": 1})
+    assert holders("x1") == {"a"} and holders(1) == set()  # a string never equals a number
+    index.add("b", v, metadata={"sku": "x1", "n": 1.0})
+    assert holders("x1") == {"a", "b"}
+    assert {h.id for h in index.search(v, k=10, filter={"n": 1})[0]} == {"a", "b"}  # 1 == 1.0
+    index.delete("a")
+    assert holders("x1") == {"b"}
+    index.add("b", v, metadata={"sku": "x2"})
+    assert holders("x1") == set() and holders("x2") == {"b"}
+    index.delete("b")
+    assert index._postings == {}
+
+
 def test_kill_9_after_acknowledged_adds_loses_nothing(tmp_path: Path) -> None:
     script = textwrap.dedent(
         """
