@@ -121,7 +121,7 @@ class BatchedPipeline:
         main = self.pipeline.sessions[role]
         sessions = [main] + [s for s in self.pipeline.image_sessions if s is not main and role == "image_encoder"]
         for session in sessions:  # idle: no inference thread runs any of them now (GraphBatcher's on_idle)
-            session.run(dummy_feeds(session.spec, batch=1), shrink_arena=True)
+            session.run(dummy_feeds(session.spec, batch=1), shrink_arena=True, record=False)  # housekeeping
         release_free_heap()  # the request path's buffers of the same burst (app/core/memory.py)
 
     def _run_images(self, payloads: Sequence[np.ndarray]) -> list[ImageOutputs]:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -117,7 +119,8 @@ class ModelPipeline:
         )
         # Refuse a manifest that does not describe its graphs now, not one request at a time.
         check_declared_shapes(self.bundle_dir, self.manifest, self.sessions)
-        probe_graphs(self.bundle_dir, self.manifest, self.sessions, self.tokenizer)
+        with self.unrecorded():
+            probe_graphs(self.bundle_dir, self.manifest, self.sessions, self.tokenizer)
         self.text_cache = TextCache(settings.text_cache_size)
         # The server's batching front, set by the app's lifespan (None for offline users).
         self.batched: BatchedPipeline | None = None
@@ -255,10 +258,23 @@ class ModelPipeline:
         batch = self.encode_texts(texts)
         return batch.outputs["text_embedding"], batch.truncated
 
+    @contextmanager
+    def unrecorded(self) -> Iterator[None]:
+        """Graph calls made inside are left out of the inference metrics (start-up passes, not traffic)."""
+        sessions = [*self.sessions.values(), *self.image_sessions]
+        for s in sessions:
+            s.record = False
+        try:
+            yield
+        finally:
+            for s in sessions:
+                s.record = True
+
     def warmup(self) -> None:
         """One real pass through every graph, so the first client request pays no lazy init."""
         size = self.manifest.image.size
-        self.classify(np.zeros((1, 3, size, size), dtype=np.float32), ["warm up"])
-        if self.image_sessions != [self.sessions["image_encoder"]]:
-            for instance in range(len(self.image_sessions)):
-                self.encode_images(np.zeros((1, 3, size, size), dtype=np.float32), instance=instance)
+        with self.unrecorded():
+            self.classify(np.zeros((1, 3, size, size), dtype=np.float32), ["warm up"])
+            if self.image_sessions != [self.sessions["image_encoder"]]:
+                for instance in range(len(self.image_sessions)):
+                    self.encode_images(np.zeros((1, 3, size, size), dtype=np.float32), instance=instance)

@@ -145,12 +145,15 @@ class GraphSession:
     spec: GraphSpec
     session: ort.InferenceSession
     precision: str
+    record: bool = True
+    """Count calls in the inference metrics; off for start-up passes (probe, warm-up), which are not traffic."""
 
     @property
     def input_names(self) -> list[str]:
         return [i.name for i in self.session.get_inputs()]
 
-    def run(self, feeds: dict[str, np.ndarray], *, shrink_arena: bool = False) -> dict[str, np.ndarray]:
+    def run(self, feeds: dict[str, np.ndarray], *, shrink_arena: bool = False, record: bool = True
+            ) -> dict[str, np.ndarray]:
         """Feed exactly the inputs this graph declares (pruned inputs are simply not fed).
 
         ``shrink_arena``: give the CPU arena's unused memory back after this call (see :data:`CPU_ARENA`).
@@ -158,8 +161,9 @@ class GraphSession:
         inputs = {name: feeds[name] for name in self.input_names}
         start = time.perf_counter()
         outputs = self.session.run(None, inputs, SHRINK_RUN_OPTIONS if shrink_arena else None)
-        batch = next(iter(inputs.values())).shape[0] if inputs else 0
-        metrics.observe_inference(self.role, batch, time.perf_counter() - start)
+        if self.record and record:
+            batch = next(iter(inputs.values())).shape[0] if inputs else 0
+            metrics.observe_inference(self.role, batch, time.perf_counter() - start)
         return {o.name: v for o, v in zip(self.session.get_outputs(), outputs, strict=True)}
 
 

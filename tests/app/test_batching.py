@@ -661,9 +661,10 @@ def record_image_encoder_runs(pipeline: ModelPipeline, monkeypatch) -> list[tupl
     calls: list[tuple[int, bool]] = []
     real = session.run
 
-    def recording(feeds: dict[str, np.ndarray], *, shrink_arena: bool = False) -> dict[str, np.ndarray]:
+    def recording(feeds: dict[str, np.ndarray], *, shrink_arena: bool = False, record: bool = True
+                  ) -> dict[str, np.ndarray]:
         calls.append((len(feeds["pixel_values"]), shrink_arena))
-        return real(feeds, shrink_arena=shrink_arena)
+        return real(feeds, shrink_arena=shrink_arena, record=record)
 
     monkeypatch.setattr(session, "run", recording)
     return calls

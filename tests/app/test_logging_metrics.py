@@ -322,3 +322,17 @@ def test_a_timeout_raised_by_the_app_itself_is_a_500_not_the_deadline_504() -> N
     assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"  # not "the deadline passed"
     r = client.get("/slow")
     assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+
+
+def test_start_up_passes_are_not_counted_as_inference_traffic(settings) -> None:
+    from app.main import create_app
+
+    def count() -> float:
+        return sum(sample("mmfusion_inference_duration_seconds_count", {"graph": g})
+                   for g in ("image_encoder", "text_encoder", "fusion_head"))
+
+    before = count()
+    with TestClient(create_app(settings.model_copy(update={"warmup": True}))) as c:
+        assert count() == before  # probe and warm-up ran, and were left out
+        c.post("/v1/embed", json={"text": "a red circle"})
+        assert count() == before + 1
