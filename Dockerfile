@@ -54,21 +54,29 @@ ENV PATH=/opt/venv/bin:$PATH \
     MMFUSION_TRT_CACHE_DIR=/data/trt-cache \
     MMFUSION_HOST=0.0.0.0 \
     MMFUSION_PORT=8000
-# Dependencies first, pinned by the serving lock (the versions `make test` ran on), in their own
-# layer so that a code change rebuilds only the small wheel layer below.
+# Dependencies first, pinned by the serving lock (the versions `make test` ran on; wheels for all of
+# them exist for the GPU base's Python 3.12 too), in their own layer so that a code change rebuilds
+# only the small wheel layer below.
 COPY deploy/requirements-serving.txt /tmp/requirements-serving.txt
-RUN pip install --no-cache-dir -r /tmp/requirements-serving.txt \
- && rm /tmp/requirements-serving.txt
+RUN pip install --no-cache-dir -r /tmp/requirements-serving.txt
 COPY --from=wheel /wheels /wheels
 # `pip check` proves the pinned set satisfies the wheel's requirements. Then, for the GPU image,
 # onnxruntime is swapped for onnxruntime-gpu (both provide the same module, so only one may be
-# installed; pip check would call that a missing requirement, so it runs before the swap).
+# installed), its dependencies held to the lock's versions, and the set checked again, where the only
+# complaint allowed is the wheel's own requirement on the name "onnxruntime".
 RUN pip install --no-cache-dir --no-deps /wheels/*.whl \
  && pip check \
  && if [ "$ORT_PACKAGE" != "onnxruntime" ]; then \
-      pip uninstall -y onnxruntime && pip install --no-cache-dir "$ORT_PACKAGE"; fi \
- && python -c "import importlib.util as u; assert u.find_spec('torch') is None" \
- && rm -rf /wheels \
+      set -e; \
+      grep -v '^onnxruntime==' /tmp/requirements-serving.txt > /tmp/gpu-constraints.txt; \
+      pip uninstall -y onnxruntime; \
+      pip install --no-cache-dir -c /tmp/gpu-constraints.txt "$ORT_PACKAGE"; \
+      pip check > /tmp/pip-check.txt || true; \
+      if grep -v -e 'requires onnxruntime, which is not installed' -e '^No broken requirements found' \
+           /tmp/pip-check.txt; then exit 1; fi; \
+    fi \
+ && python -c "import onnxruntime, importlib.util as u; assert u.find_spec('torch') is None" \
+ && rm -rf /wheels /tmp/requirements-serving.txt /tmp/gpu-constraints.txt /tmp/pip-check.txt \
  && useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin mmfusion \
  && mkdir -p /models /data/index && chown -R mmfusion /data
 USER 10001

@@ -10,6 +10,7 @@ TRAIN_COMMANDS = {"train", "export", "verify", "build-default", "evaluate", "abl
 
 
 def _serve(argv: list[str]) -> int:
+    import errno
     import os
     import socket
 
@@ -50,13 +51,17 @@ def _serve(argv: list[str]) -> int:
     # The drain after SIGTERM waits for requests in flight up to their own deadline (plus the batchers'
     # last batch); with no deadline (0) it waits for them all. Docker: --stop-timeout above this.
     drain_s = settings.request_timeout_s + 5 if settings.request_timeout_s > 0 else None
-    try:  # a port in use is found now, not after the model has loaded for seconds
-        with socket.create_server((settings.host, settings.port), reuse_port=False):
+    # A port in use (or reserved) is found now, not after the model has loaded for seconds. IPv6 when the
+    # host has a colon, as uvicorn decides; any other bind problem is left for uvicorn to report.
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    try:
+        with socket.create_server((settings.host, settings.port), family=family):
             pass
     except OSError as exc:
-        print(f"error: cannot listen on {settings.host}:{settings.port} ({exc.strerror}); set --port or "
-              "MMFUSION_PORT", file=sys.stderr)
-        return 2
+        if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+            print(f"error: cannot listen on port {settings.port} of {settings.host} ({exc.strerror}); set --port "
+                  "or MMFUSION_PORT", file=sys.stderr)
+            return 2
     uvicorn.run("app.main:app", host=settings.host, port=settings.port, log_level=settings.log_level,
                 timeout_graceful_shutdown=drain_s, root_path=settings.root_path, proxy_headers=True,
                 forwarded_allow_ips=settings.forwarded_allow_ips, timeout_keep_alive=settings.keep_alive_s)

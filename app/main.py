@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +29,7 @@ from app.api.routes import index as index_routes
 from app.api.state import ServiceState
 from app.api.timeout import TimeoutMiddleware
 from app.core import metrics
-from app.core.config import Settings, get_settings
+from app.core.config import Settings, get_settings, unknown_variables
 from app.core.logging import configure_logging
 from app.index import IndexStoreError, VectorIndex
 from app.index.seed import seed_index_dir
@@ -86,6 +87,9 @@ def batching_config(settings: Settings) -> BatchingConfig:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     configure_logging(settings.log_level)
+    for name in unknown_variables(os.environ):  # typos one or two characters off stopped start-up already
+        log.warning("environment variable %s is not an mmfusion setting and is ignored (settings: README, "
+                    "Configuration)", name)
     # Keys are read now, not in the lifespan: a missing key file must stop the server before it
     # binds a port, never leave it running with fewer keys than intended.
     state = ServiceState(settings=settings, keys=KeyRing.from_settings(settings))

@@ -225,8 +225,14 @@ def main(argv: list[str] | None = None) -> int:
     DRY_RUN["on"] = args.dry_run_on_cpu
     if args.device_id is not None:
         # The serving pipeline has no device setting (it takes device 0 of what is visible, as the server does),
-        # so the choice is made for the whole process before CUDA is initialised.
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(args.device_id)
+        # so the choice is made for the whole process before CUDA is initialised. Like CUDA's own ids, N counts
+        # within an existing CUDA_VISIBLE_DEVICES (a scheduler's "2,3" with --device-id 1 is GPU 3).
+        visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+        if visible and not 0 <= args.device_id < len(visible):
+            print(f"gpu_check: --device-id {args.device_id} is not among the {len(visible)} visible GPUs "
+                  f"(CUDA_VISIBLE_DEVICES={','.join(visible)})", file=sys.stderr)
+            return 2
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible[args.device_id] if visible else str(args.device_id)
     args.device_id = 0
     bundle = args.bundle
     try:

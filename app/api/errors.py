@@ -61,7 +61,7 @@ def _field_of(loc: tuple[object, ...]) -> str | None:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(MMFusionError)
     async def _mmfusion(_: Request, exc: MMFusionError) -> JSONResponse:
-        if exc.status_code >= 500 and exc.status_code not in (503, 504):
+        if exc.status_code >= 500 and exc.status_code not in (503, 504, 507):
             # A typed server-side failure (e.g. BundleError): its message is for operators.
             log.error("%s: %s", exc.code, exc.message)
             return error_response(500, exc.code, INTERNAL_ERROR_MESSAGE)

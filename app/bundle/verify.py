@@ -58,8 +58,9 @@ def load_bundle_manifest(bundle_dir: Path | str, *, check_hashes: bool = True) -
     if not labels_path.is_file():
         raise BundleError(f"bundle {root}: {manifest.labels_file}, named by {MANIFEST_FILE}, is missing")
     # One label per "\n"-terminated line, as the exporter writes it (not str.splitlines, which also
-    # splits on U+2028, U+0085 and others that a label may contain).
-    on_disk = [line for line in labels_path.read_text(encoding="utf-8").split("\n") if line]
+    # splits on U+2028, U+0085 and others that a label may contain); a "\r" left by an editor is dropped.
+    lines = (line.removesuffix("\r") for line in labels_path.read_text(encoding="utf-8").split("\n"))
+    on_disk = [line for line in lines if line]
     if on_disk != list(manifest.labels):
         raise BundleError(f"bundle {root}: {manifest.labels_file} disagrees with the labels in {MANIFEST_FILE}")
 

@@ -50,9 +50,10 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=1, le=65535)
     root_path: str = Field(default="", description="Path prefix a reverse proxy serves the app under (uvicorn's "
                            "--root-path), e.g. /mmfusion: the docs and OpenAPI links then carry it.")
-    forwarded_allow_ips: str = Field(
-        default="127.0.0.1", description="Proxies trusted for X-Forwarded-For/-Proto (uvicorn's --forwarded-allow-ips; "
-        "comma-separated, * for any): the access log then shows the client's address, not the proxy's.")
+    forwarded_allow_ips: str | None = Field(
+        default=None, description="Proxies trusted for X-Forwarded-For/-Proto (uvicorn's --forwarded-allow-ips; "
+        "comma-separated, * for any): the access log then shows the client's address, not the proxy's. Unset: "
+        "uvicorn's own default ($FORWARDED_ALLOW_IPS, else 127.0.0.1,::1).")
     keep_alive_s: int = Field(
         default=5, ge=1, le=3600, description="Idle keep-alive timeout of client connections (uvicorn's "
         "--timeout-keep-alive). Behind a load balancer set it above the balancer's idle timeout (AWS ALB: 60 s, "
@@ -164,20 +165,35 @@ ENV_PREFIX = "MMFUSION_"
 TOOL_VARIABLES = frozenset({"MMFUSION_BENCH_RUN", "MMFUSION_CHROMIUM"})
 
 
+# How alike a variable must be to a setting's name to be refused as its typo (difflib ratio): one or two
+# characters off (MMFUSION_API_KEY for _API_KEYS: 0.97; _REQUEST_TIMEOUT for _REQUEST_TIMEOUT_S: 0.96), not
+# a different word (MMFUSION_VERSION is 0.82 from _PRECISION, MMFUSION_BUNDLE_DIR 0.88 from _BUNDLE).
+TYPO_RATIO = 0.93
+
+
 def misspelled_variables(environ: Mapping[str, str]) -> list[str]:
-    """``MMFUSION_*`` variables that are not settings but look like one (``MMFUSION_API_KEY`` for
-    ``MMFUSION_API_KEYS``), each with the setting meant. pydantic-settings ignores unknown variables, so
-    a typo silently kept a default: with the keys variable misspelled, the server ran with no keys."""
+    """``MMFUSION_*`` variables that are not settings but are one or two characters from one
+    (``MMFUSION_API_KEY`` for ``MMFUSION_API_KEYS``), each with the setting meant. pydantic-settings
+    ignores unknown variables, so such a typo silently kept a default: with the keys variable
+    misspelled, the server ran with no keys. Other unknown names are only warned about
+    (:func:`unknown_variables`): a deployment may set its own ``MMFUSION_VERSION``."""
     names = {f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields}
     found = []
-    for var in sorted(environ):
-        upper = var.upper()
-        if not upper.startswith(ENV_PREFIX) or upper in names or upper in TOOL_VARIABLES:
-            continue
-        close = difflib.get_close_matches(upper, names, n=1, cutoff=0.8)
+    for var in _unknown(environ, names):
+        close = difflib.get_close_matches(var.upper(), names, n=1, cutoff=TYPO_RATIO)
         if close:
             found.append(f"{var} is not a setting; did you mean {close[0]}?")
     return found
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """``MMFUSION_*`` variables that are not settings (nor the tools' own), typos included."""
+    return _unknown(environ, {f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields})
+
+
+def _unknown(environ: Mapping[str, str], names: set[str]) -> list[str]:
+    return [var for var in sorted(environ) if var.upper().startswith(ENV_PREFIX)
+            and var.upper() not in names and var.upper() not in TOOL_VARIABLES]
 
 
 def describe_validation_error(exc: ValidationError) -> str:

@@ -57,10 +57,13 @@ class IndexWriteError(IndexStoreError):
     status_code = 503
     code = "index_write_failed"
 
-    def __init__(self, exc: OSError, path: Path):
+    def __init__(self, exc: OSError, path: Path, *, stored: bool = False):
+        """``stored``: the failed write could not be rolled back either, so the next start may replay it."""
         full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
         reason = exc.strerror or type(exc).__name__
-        super().__init__(f"the vector index could not write to disk ({reason}); nothing was stored"
+        outcome = ("part of the write may reach the index at the next start (the log could not be rolled back); "
+                   "read the items before retrying" if stored else "nothing was stored")
+        super().__init__(f"the vector index could not write to disk ({reason}); {outcome}"
                          + ("; free disk space, then retry" if full else ""))
         if full:
             self.status_code = 507

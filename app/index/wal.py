@@ -530,12 +530,14 @@ class WriteAheadLog:
             if self.durable:
                 os.fsync(fd)
         except BaseException as exc:
+            rolled_back = True
             try:
                 os.ftruncate(fd, start)
             except OSError as rollback:  # pragma: no cover - disk gone
                 self._failed = f"could not roll back a failed append ({rollback})"
+                rolled_back = False
             if isinstance(exc, OSError):  # a typed answer (507 when the disk is full), not a bare 500
-                raise IndexWriteError(exc, self.path) from exc
+                raise IndexWriteError(exc, self.path, stored=not rolled_back) from exc
             raise
         self._size = start + written
 

@@ -306,8 +306,8 @@ class GraphBatcher(Generic[P, R]):
 
     def _loop(self, instance: int = 0) -> None:
         """The thread's body: :meth:`_serve`, and if that ever raises (a bug: graph errors are caught per
-        batch), a logged traceback, every queued request failed at once instead of at its deadline, and
-        :attr:`alive` False."""
+        batch), a logged traceback, the batch it held and every queued request failed at once instead of
+        at their deadline (never, with no deadline), and :attr:`alive` False."""
         try:
             self._serve(instance)
         except BaseException as exc:
@@ -317,6 +317,13 @@ class GraphBatcher(Generic[P, R]):
                 self.failure = f"{type(exc).__name__} in inference thread {instance}"
                 error = NotReadyError(f"{self.name} is not running ({self.failure}); the process needs a restart",
                                       retry_after_s=5)
+                held: list[_Entry[P, R]] = getattr(self._instance, "batch", None) or []
+                if held:  # taken and counted as running, never delivered
+                    self._running_rows -= sum(e.rows for e in held)
+                    self._running_batches -= 1
+                for entry in held:  # _deliver skips futures already done
+                    with contextlib.suppress(RuntimeError):
+                        entry.loop.call_soon_threadsafe(_deliver, entry.future, None, error)
                 while self._queue:
                     entry = self._queue.popleft()
                     self._queued_rows -= entry.rows
@@ -337,6 +344,7 @@ class GraphBatcher(Generic[P, R]):
                 except Exception:  # housekeeping must never stop the inference thread
                     log.exception("%s idle housekeeping failed", self.name)
                 continue
+            self._instance.batch = batch  # what the failure handler of _loop must answer if this thread dies
             self._idle_due = True
             started = time.perf_counter()
             wait = metrics.QUEUE_WAIT.labels(self.name)
@@ -347,6 +355,7 @@ class GraphBatcher(Generic[P, R]):
             with self._cond:
                 self._running_rows -= rows
                 self._running_batches -= 1
+                self._instance.batch = None
             if per_row is not None:  # failures are quick and would make the queue look faster than it is
                 self._row_s = per_row if self._row_s <= 0 else 0.8 * self._row_s + 0.2 * per_row
             for entry, (result, error) in zip(batch, outcomes, strict=True):

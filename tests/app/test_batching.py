@@ -177,6 +177,24 @@ def test_settings_refuse_infinite_or_absurd_times(monkeypatch) -> None:
         monkeypatch.delenv(f"MMFUSION_{name}")
 
 
+def test_a_thread_that_dies_holding_a_batch_fails_that_batch_at_once(monkeypatch) -> None:
+    def broken_run(self: GraphBatcher, batch: list) -> tuple:  # a bug after the batch was taken
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(GraphBatcher, "_run", broken_run)
+    batcher = make(Recorder(), "dies_holding_unit")
+
+    async def main() -> None:
+        with pytest.raises(NotReadyError, match="dies_holding_unit is not running"):
+            await asyncio.wait_for(batcher.submit("x"), 5)  # taken, then the thread died: failed now
+
+    try:
+        asyncio.run(main())
+        assert not batcher.alive and batcher.running_batches == 0
+    finally:
+        batcher.close()
+
+
 def test_a_batching_config_with_an_infinite_time_is_refused() -> None:
     for bad in ({"max_queue_delay_s": math.inf}, {"max_queue_wait_s": math.nan}, {"idle_s": math.inf}):
         with pytest.raises(ValueError, match="invalid batching config"):

@@ -91,3 +91,10 @@ def test_labels_holding_unicode_line_separators_round_trip(bundle_copy: Path) ->
 
     data = edit_manifest(bundle_copy, edit)
     assert load(bundle_copy).manifest.labels[0] == data["labels"][0]
+
+
+def test_a_labels_file_saved_with_windows_line_endings_still_agrees(bundle_copy: Path) -> None:
+    path = bundle_copy / "labels.txt"
+    path.write_bytes(path.read_bytes().replace(b"\n", b"\r\n"))
+    assert load(bundle_copy).manifest.labels
+

@@ -485,3 +485,22 @@ def test_index_path_in_settings_is_where_items_persist(settings) -> None:
     assert (Path(settings.index_path) / "index.json").is_file()
     with app_client(settings) as c:
         assert c.get("/v1/index/items/p").status_code == 200
+
+
+@pytest.mark.parametrize(("err", "status", "code"), [(28, 507, "insufficient_storage"), (5, 503, "index_write_failed")])
+def test_a_write_the_disk_refuses_is_answered_with_its_own_status(client, monkeypatch, err: int, status: int,
+                                                                  code: str) -> None:
+    import os
+
+    import app.index.wal as wal_module
+
+    def refuse(fd: int, data: object) -> None:
+        raise OSError(err, os.strerror(err))
+
+    monkeypatch.setattr(wal_module, "_write_all", refuse)
+    r = client.post("/v1/index/items", json={"id": "x", "text": "a red circle"})
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["code"] == code and "nothing was stored" in r.json()["error"]["message"]
+    monkeypatch.undo()
+    assert client.get("/v1/index/items/x").status_code == 404
+    assert client.post("/v1/index/items", json={"id": "x", "text": "a red circle"}).status_code == 201

@@ -72,3 +72,38 @@ def test_an_interrupted_earlier_seed_is_cleaned_up_and_redone(seed: Path, tmp_pa
     assert seed_index_dir(seed, target) is True
     assert not (target / ".seeding-abc").exists()
     assert count(target) == 3
+
+
+def test_a_seed_interrupted_between_its_moves_is_redone_at_the_next_start(seed: Path, tmp_path: Path,
+                                                                         monkeypatch) -> None:
+    import os as os_module
+
+    import app.index.seed as seed_module
+
+    target = tmp_path / "index"
+    real_replace = os_module.replace
+
+    def crash_before_index_json(src, dst):  # type: ignore[no-untyped-def]
+        if Path(dst).name == "index.json":
+            raise KeyboardInterrupt  # the process dies here
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(seed_module.os, "replace", crash_before_index_json)
+    with pytest.raises(KeyboardInterrupt):
+        seed_index_dir(seed, target)
+    monkeypatch.undo()
+    assert (target / "wal.log").exists() and not (target / "index.json").exists()  # looks corrupt, but marked
+    assert seed_index_dir(seed, target) is True
+    assert count(target) == 3 and not (target / ".seeding").exists()
+
+
+def test_a_directory_another_process_has_open_is_not_seeded(seed: Path, tmp_path: Path) -> None:
+    from app.index.wal import DirectoryLock
+
+    target = tmp_path / "index"
+    target.mkdir()
+    held = DirectoryLock(target)
+    try:
+        assert seed_index_dir(seed, target) is False
+    finally:
+        held.release()

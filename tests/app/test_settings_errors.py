@@ -10,16 +10,21 @@ import pytest
 from pydantic import ValidationError
 
 from app.cli import main
-from app.core.config import Settings, describe_validation_error, misspelled_variables
+from app.core.config import Settings, describe_validation_error, misspelled_variables, unknown_variables
 
 
 def test_a_misspelled_setting_is_named_with_the_one_meant() -> None:
     env = {"MMFUSION_API_KEY": "secret", "MMFUSION_MAX_BATCH_SIZ": "8", "MMFUSION_PORT": "8000",
-           "MMFUSION_BENCH_RUN": "runs/x", "MMFUSION_SOMETHING_ELSE_ENTIRELY": "1", "PATH": "/bin"}
+           "MMFUSION_BENCH_RUN": "runs/x", "MMFUSION_SOMETHING_ELSE_ENTIRELY": "1", "PATH": "/bin",
+           # a deployment's own variables, words away from any setting: warned about, never refused
+           "MMFUSION_VERSION": "1.2", "MMFUSION_BUNDLE_DIR": "/b", "MMFUSION_INDEX_DIR": "/i"}
     assert misspelled_variables(env) == [
         "MMFUSION_API_KEY is not a setting; did you mean MMFUSION_API_KEYS?",
         "MMFUSION_MAX_BATCH_SIZ is not a setting; did you mean MMFUSION_MAX_BATCH_SIZE?",
     ]
+    assert unknown_variables(env) == ["MMFUSION_API_KEY", "MMFUSION_BUNDLE_DIR", "MMFUSION_INDEX_DIR",
+                                      "MMFUSION_MAX_BATCH_SIZ", "MMFUSION_SOMETHING_ELSE_ENTIRELY",
+                                      "MMFUSION_VERSION"]
 
 
 def test_invalid_values_are_described_by_variable_and_value(monkeypatch) -> None:
@@ -81,4 +86,4 @@ def test_serve_refuses_a_port_in_use_before_loading_the_model(monkeypatch, capsy
         finally:
             get_settings.cache_clear()
     err = capsys.readouterr().err
-    assert err.startswith(f"error: cannot listen on 127.0.0.1:{port}") and "MMFUSION_PORT" in err
+    assert err.startswith(f"error: cannot listen on port {port} of 127.0.0.1") and "MMFUSION_PORT" in err
