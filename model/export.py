@@ -10,6 +10,7 @@ dynamo exporter (measured, see shared FIELD-NOTES).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -25,6 +26,7 @@ import torch
 from PIL import Image
 
 from app.bundle.manifest import (
+    EXPORT_ID_KEY,
     MANIFEST_FILE,
     BundleManifest,
     GraphFile,
@@ -127,6 +129,33 @@ def _export(
         outputs=outputs_spec,
         variants={"fp32": GraphFile(file=path.name, sha256=sha256_file(path), size_bytes=path.stat().st_size)},
     )
+
+
+def stamp_export_id(bundle_dir: Path, graphs: dict[str, GraphSpec]) -> dict[str, GraphSpec]:
+    """Write one export id into every graph file's ONNX metadata (``EXPORT_ID_KEY``) and return the specs
+    with the files' new sha256 and size.
+
+    Why: the sha256s prove each file is the exporter's, not that the three graphs come from the same
+    export; a graph taken from another run with the same shapes, its hash updated, used to be served
+    beside the others and give wrong answers. The id is a hash of the unstamped files' own hashes, so
+    exporting the same weights twice still gives byte-identical files (and the same index fingerprint).
+    """
+    files = sorted({v.file for spec in graphs.values() for v in spec.variants.values()})
+    digest = hashlib.sha256("".join(sha256_file(bundle_dir / f) for f in files).encode()).hexdigest()[:32]
+    for rel in files:
+        proto = onnx.load(str(bundle_dir / rel))
+        kept = [p for p in proto.metadata_props if p.key != EXPORT_ID_KEY]
+        del proto.metadata_props[:]
+        proto.metadata_props.extend(kept)
+        proto.metadata_props.add(key=EXPORT_ID_KEY, value=digest)
+        onnx.save(proto, str(bundle_dir / rel))
+    stamped: dict[str, GraphSpec] = {}
+    for role, spec in graphs.items():
+        variants = {name: v.model_copy(update={"sha256": sha256_file(bundle_dir / v.file),
+                                               "size_bytes": (bundle_dir / v.file).stat().st_size})
+                    for name, v in spec.variants.items()}
+        stamped[role] = spec.model_copy(update={"variants": variants})
+    return stamped
 
 
 def export_graphs(model: FusionModel, out_dir: Path, image_size: int) -> dict[str, GraphSpec]:
@@ -405,6 +434,7 @@ def export_bundle(
             if progress:
                 print(f"fp16: top-1 agreement with fp32 {fp16_report.top1_agreement:.4f}, min embedding cosine "
                       f"{fp16_report.min_embedding_cosine:.5f} on {fp16_report.samples} samples")
+        graphs = stamp_export_id(tmp, graphs)
         # Counts (the epoch) stay integers; bools are not metrics.
         all_metrics: dict[str, int | float] = {
             k: v if isinstance(v, int) else float(v)

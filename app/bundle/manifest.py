@@ -37,6 +37,13 @@ class TensorSpec(_Strict):
     shape: list[int | str]
 
 
+EXPORT_ID_KEY = "mmfusion.export_id"
+"""ONNX ``metadata_props`` key that every graph file of one export carries with the same value (derived
+from the files' contents, so re-exporting the same weights gives the same bytes). Graphs with different
+values come from different exports and are refused together (app/inference/contract.py); files without
+it (bundles exported before it existed) are not checked."""
+
+
 class GraphFile(_Strict):
     """One file of one precision variant of a graph; the sha256 is checked at load time."""
 

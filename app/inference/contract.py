@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from app.bundle.manifest import BundleManifest, TensorSpec
+from app.bundle.manifest import EXPORT_ID_KEY, BundleManifest, TensorSpec
 from app.core.errors import BundleError
 
 if TYPE_CHECKING:
@@ -69,6 +69,22 @@ def check_declared_shapes(bundle_dir: Path, manifest: BundleManifest, sessions: 
                           f"but manifest image.size is {size}")
     if errors:
         raise BundleError(f"bundle {bundle_dir}: the manifest does not describe its graphs: " + "; ".join(errors))
+
+
+def check_same_export(bundle_dir: Path, sessions: Mapping[str, GraphSession]) -> None:
+    """The graph files carry one export id (``EXPORT_ID_KEY``): a graph from another export with the same
+    shapes and a hand-updated hash would pass every other check and serve embeddings from another space.
+    Files without an id (exported before it existed) are not compared."""
+    ids: dict[str, str] = {}
+    for gs in sessions.values():
+        file = gs.spec.variants[gs.precision].file  # type: ignore[index]
+        found = gs.session.get_modelmeta().custom_metadata_map.get(EXPORT_ID_KEY)
+        if found:
+            ids[file] = found
+    if len(set(ids.values())) > 1:
+        listed = ", ".join(f"{file} export {value[:12]}" for file, value in sorted(ids.items()))
+        raise BundleError(f"bundle {bundle_dir}: its graphs come from different exports ({listed}); export the "
+                          "bundle again from one run instead of combining files")
 
 
 def _run(bundle_dir: Path, gs: GraphSession, feeds: dict[str, np.ndarray], what: str) -> dict[str, np.ndarray]:

@@ -28,7 +28,7 @@ from app.bundle.manifest import BundleManifest
 from app.bundle.verify import load_bundle_manifest
 from app.core.config import Settings
 from app.core.errors import BundleError
-from app.inference.contract import check_declared_shapes, probe_graphs
+from app.inference.contract import check_declared_shapes, check_same_export, probe_graphs
 from app.inference.runtime import (
     GraphSession,
     choose_precision,
@@ -119,6 +119,7 @@ class ModelPipeline:
         )
         # Refuse a manifest that does not describe its graphs now, not one request at a time.
         check_declared_shapes(self.bundle_dir, self.manifest, self.sessions)
+        check_same_export(self.bundle_dir, self.sessions)
         with self.unrecorded():
             probe_graphs(self.bundle_dir, self.manifest, self.sessions, self.tokenizer)
         self.text_cache = TextCache(settings.text_cache_size)

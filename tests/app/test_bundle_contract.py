@@ -98,3 +98,37 @@ def test_a_labels_file_saved_with_windows_line_endings_still_agrees(bundle_copy:
     path.write_bytes(path.read_bytes().replace(b"\n", b"\r\n"))
     assert load(bundle_copy).manifest.labels
 
+
+
+def test_every_graph_of_an_export_carries_the_same_export_id(tiny_bundle: Path) -> None:
+    import onnx
+
+    from app.bundle import load_bundle_manifest
+    from app.bundle.manifest import EXPORT_ID_KEY
+
+    manifest = load_bundle_manifest(tiny_bundle)
+    ids = {v.file: {p.key: p.value for p in onnx.load(str(tiny_bundle / v.file)).metadata_props}.get(EXPORT_ID_KEY)
+           for spec in manifest.graphs.values() for v in spec.variants.values()}
+    assert len(set(ids.values())) == 1 and None not in ids.values(), ids
+
+
+def test_a_graph_from_another_export_is_refused_even_with_its_hash_updated(bundle_copy: Path) -> None:
+    import onnx
+
+    from app.bundle.manifest import EXPORT_ID_KEY
+
+    path = bundle_copy / "image_encoder.onnx"
+    proto = onnx.load(str(path))
+    for prop in proto.metadata_props:
+        if prop.key == EXPORT_ID_KEY:
+            prop.value = "0" * 32  # as if taken from another export of the same architecture
+    onnx.save(proto, str(path))
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+
+    def rehash(m: dict) -> None:
+        variant = m["graphs"]["image_encoder"]["variants"]["fp32"]
+        variant.update(sha256=digest, size_bytes=path.stat().st_size)
+
+    edit_manifest(bundle_copy, rehash)
+    with pytest.raises(BundleError, match=r"graphs come from different exports .*image_encoder\.onnx export 0{12}"):
+        load(bundle_copy)

@@ -74,3 +74,15 @@ def test_the_manifest_states_every_axis_but_batch_and_sequence(tiny_bundle: Path
             assert set(symbolic) <= {"batch", "sequence"}, (role, tensor.name, tensor.shape)
     assert manifest.graphs["fusion_head"].outputs[0].shape == ["batch", len(manifest.labels)]
     assert manifest.graphs["image_encoder"].outputs[-1].shape[-1] == manifest.embedding_dim
+
+
+def test_exporting_the_same_run_again_gives_the_same_graph_files(tiny_run: Path, tiny_bundle: Path,
+                                                                 tmp_path: Path) -> None:
+    """So the index's embedding fingerprint (and the export id in every graph) survives a re-export."""
+    from model.export import export_bundle
+
+    again = export_bundle(tiny_run, tmp_path / "again", progress=False)
+    first = load_bundle_manifest(tiny_bundle)
+    assert {r: s.variants["fp32"].sha256 for r, s in again.graphs.items()} == \
+        {r: s.variants["fp32"].sha256 for r, s in first.graphs.items()}
+    assert again.embedding_fingerprint() == first.embedding_fingerprint()
