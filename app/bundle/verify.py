@@ -54,6 +54,8 @@ def load_bundle_manifest(bundle_dir: Path | str, *, check_hashes: bool = True) -
         )
         raise BundleError(f"bundle {root}: invalid {MANIFEST_FILE}: {problems}") from None
 
+    if manifest.seed_index is not None:
+        _inside(root, manifest.seed_index)  # copied into the index directory at start-up: confined to the bundle
     labels_path = _inside(root, manifest.labels_file)
     if not labels_path.is_file():
         raise BundleError(f"bundle {root}: {manifest.labels_file}, named by {MANIFEST_FILE}, is missing")

@@ -82,6 +82,7 @@ for _graph in GRAPHS:  # export the series at 0 before the first call, so dashbo
     for _reason in REJECT_REASONS:
         REJECTED.labels(_graph, _reason)
     CANCELLED.labels(_graph)
+    BATCH_RETRIES.labels(_graph)
 for _result in ("hit", "miss"):
     TEXT_CACHE.labels(_result)
 for _stage in STAGES:

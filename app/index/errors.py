@@ -144,10 +144,10 @@ class IndexCorruptError(IndexStoreError):
     def __init__(self, path: Path, problem: str, *, index_dir: Path | None = None):
         where = index_dir if index_dir is not None else path.parent
         self.detail = (f"vector index file {path} is corrupt: {problem}. The index cannot be opened safely; "
-                       f"{REBUILD_HINT} ({where}) and re-add the items.")
+                       f"{REBUILD_HINT} (the directory: {where}).")
         super().__init__(
             f"vector index file {path.name!r} in {INDEX_DIR_NAME} is corrupt: {_scrub(problem, path, where)}. "
-            f"The index cannot be opened safely; {REBUILD_HINT} and re-add the items."
+            f"The index cannot be opened safely; {REBUILD_HINT}."
         )
         self.path = path
         self.problem = problem

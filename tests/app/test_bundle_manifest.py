@@ -79,3 +79,9 @@ def test_server_refuses_to_start_on_a_tampered_bundle(bundle_copy: Path, tmp_pat
     app = create_app(Settings(bundle=bundle_copy, index_path=tmp_path / "idx"))
     with pytest.raises(BundleError, match=r"text_encoder\.onnx fails its sha256"), TestClient(app):
         pass
+
+
+def test_a_seed_index_outside_the_bundle_is_refused(bundle_copy: Path) -> None:
+    _edit_manifest(bundle_copy, lambda m: m.update(seed_index="../../../etc"))
+    with pytest.raises(BundleError, match="points outside the bundle directory"):
+        load_bundle_manifest(bundle_copy)
