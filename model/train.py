@@ -289,6 +289,19 @@ def _save_checkpoint(path: Path, state: TrainState, cfg: TrainConfig, optimizer:
     tmp.replace(path)  # a crash mid-save never leaves a half-written checkpoint behind
 
 
+def _check_same_labels(saved: list[str], current: list[str], run_dir: Path) -> None:
+    """A checkpoint's classifier has one output per label, in its order: other labels cannot continue it."""
+    if saved == current:
+        return
+    added = [label for label in current if label not in saved]
+    removed = [label for label in saved if label not in current]
+    what = "; ".join(part for part in (f"new {added}" if added else "", f"gone {removed}" if removed else "")
+                     if part) or "the same labels in another order"
+    raise CheckpointMismatchError(
+        f"the data's labels differ from those {run_dir} was trained on ({what}): a run continues only on "
+        "the labels it started with; train a new run (another --run-dir) for these labels")
+
+
 def train(cfg: TrainConfig, *, progress: bool = True, resume: bool = False) -> Path:
     """Train and return the run folder (holding best.pt, last.pt, results.jsonl, config.json).
 
@@ -303,6 +316,18 @@ def train(cfg: TrainConfig, *, progress: bool = True, resume: bool = False) -> P
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     data = prepare_data(cfg, progress=progress)
+    resumed: dict | None = None
+    if resume:
+        if (run_dir / "last.pt").is_file():
+            # Read and checked before any run file is rewritten: the data may have changed since the run began.
+            resumed = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)
+            _check_same_labels(list(resumed["labels"]), data.labels, run_dir)
+            done = int(resumed["epoch"]) + 1
+            if done >= cfg.epochs:
+                log.warning("the run has already trained %d epoch(s) and --epochs is %d: nothing to train; "
+                            "raise --epochs to continue", done, cfg.epochs)
+        else:
+            log.warning("--resume: %s has no last.pt (no epoch finished): starting from the first epoch", run_dir)
     tasks = trained_tasks(cfg, data)
     if "retrieval" not in tasks:
         log.warning("no caption pairs (--captions): the retrieval head is not trained, so the bundle will serve "
@@ -322,8 +347,8 @@ def train(cfg: TrainConfig, *, progress: bool = True, resume: bool = False) -> P
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     start_epoch, best, stale = 0, -float("inf"), 0
     results_path = run_dir / "results.jsonl"
-    if resume and (run_dir / "last.pt").is_file():
-        ckpt = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)
+    if resumed is not None:
+        ckpt = resumed
         load_trainable_state(built, cfg, ckpt)
         optimizer.load_state_dict(ckpt["optimizer"])
         start_epoch, best = int(ckpt["epoch"]) + 1, float(ckpt["best_metric"])
@@ -445,6 +470,15 @@ def evaluate_run(
     run_dir = Path(run_dir)
     built, cfg, ckpt = load_built(run_dir, which)
     data = prepare_data(cfg, progress=progress)
+    trained = list(ckpt["labels"])
+    if data.labels != trained:
+        # The data's label order is rebuilt from the files; the model's outputs are in the checkpoint's order.
+        unknown = sorted(set(data.labels) - set(trained))
+        if unknown:
+            raise CheckpointMismatchError(
+                f"the data now has labels {run_dir} was not trained on ({unknown}): its accuracy on them would be "
+                "meaningless; evaluate on the data the run was trained on, or train a new run")
+        data.labels = trained
     state = make_state(built, cfg, data, run_dir / "tokenizer.json", run_dir,
                        identities=dict(ckpt.get("frozen_encoders") or {}), use_cache=use_cache, progress=progress)
     return evaluate_split(state, split)

@@ -240,3 +240,56 @@ def test_a_finished_run_with_a_config_the_new_checks_refuse_still_loads() -> Non
 
     with pytest.raises(ConfigError, match="val_f1"):
         old.validate()
+
+
+def _csv_run(tmp_path: Path) -> tuple[Path, Path]:
+    csv = _small_csv_dataset(tmp_path / "ds")
+    run_dir = tmp_path / "run"
+    argv = ["train", "--quiet", "--no-plots", "--run-dir", str(run_dir), "--data", str(csv), "--epochs", "1",
+            "--image-size", "32", "--batch-size", "8", "--hidden-dim", "16", "--embed-dim", "8", "--num-threads", "1",
+            "--encoder-kwargs",
+            json.dumps({"image": {"width": 4, "out_dim": 8}, "text": {"embed_dim": 8, "hidden": 8}})]
+    assert main(argv) == 0
+    return csv, run_dir
+
+
+def test_data_that_gained_a_label_is_refused_by_resume_and_evaluate_before_anything_changes(tmp_path: Path,
+                                                                                           capsys) -> None:
+    csv, run_dir = _csv_run(tmp_path)
+    Image.new("RGB", (48, 48), (0, 200, 200)).save(csv.parent / "imgs" / "aqua.png")
+    with csv.open("a", encoding="utf-8") as fh:
+        fh.write("imgs/aqua.png,what color is it?,aqua,val\n")
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert main(["train", "--quiet", "--no-plots", "--run-dir", str(run_dir), "--resume", "--epochs", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "the data's labels differ from those" in err and "new ['aqua']" in err and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before  # labels.txt untouched
+    assert main(["evaluate", str(run_dir), "--split", "train"]) == 2
+    err = capsys.readouterr().err
+    assert "labels" in err and "aqua" in err and "Traceback" not in err
+
+
+def test_evaluate_scores_against_the_checkpoints_labels_when_the_data_has_fewer(tmp_path: Path) -> None:
+    from model.train import evaluate_run
+
+    root = tmp_path / "ds"
+    (root / "imgs").mkdir(parents=True)
+    colors = {"blue": (30, 30, 220), "green": (30, 200, 30), "red": (220, 30, 30)}
+    lines = ["image,text,label,split"]
+    for i in range(36):
+        label = list(colors)[i % 3]
+        Image.new("RGB", (48, 48), colors[label]).save(root / "imgs" / f"{i}.png")
+        lines.append(f"imgs/{i}.png,what color is it?,{label},{'val' if i % 9 == 4 else 'train'}")
+    csv = root / "data.csv"
+    csv.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    run_dir = tmp_path / "run"
+    argv = ["train", "--quiet", "--no-plots", "--run-dir", str(run_dir), "--data", str(csv), "--epochs", "20",
+            "--lr", "0.02", "--patience", "20", "--image-size", "32", "--batch-size", "8", "--hidden-dim", "16",
+            "--embed-dim", "8", "--num-threads", "1", "--encoder-kwargs",
+            json.dumps({"image": {"width": 4, "out_dim": 8}, "text": {"embed_dim": 8, "hidden": 8}})]
+    assert main(argv) == 0
+    assert evaluate_run(run_dir, "train", which="last")["train_accuracy"] == 1.0  # colours: learnt
+    csv.write_text("\n".join([lines[0], *(x for x in lines[1:] if ",blue," not in x)]) + "\n", encoding="utf-8")
+    # The data's own label list is now [green, red]: scored by it, green would be the model's class 0, 'blue'.
+    assert evaluate_run(run_dir, "train", which="last")["train_accuracy"] == 1.0
