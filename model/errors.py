@@ -29,5 +29,9 @@ class CheckpointMismatchError(UserError, RuntimeError):
     """A checkpoint that does not fit the model the configuration builds (e.g. a resume with other flags)."""
 
 
+class OutputFolderError(UserError, ValueError):
+    """An output folder that cannot be written without destroying something (the run, the user's files)."""
+
+
 class ParityError(RuntimeError):
     """ONNX Runtime disagrees with PyTorch beyond tolerance: the bundle must not ship (exit 1, not a usage error)."""

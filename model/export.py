@@ -43,7 +43,7 @@ from app.inference.runtime import MIN_TOP1_AGREEMENT, auto_serves
 from app.preprocessing.image import preprocess_pil
 from app.preprocessing.text import TextTokenizer
 from model.data.rows import Row
-from model.errors import ParityError
+from model.errors import OutputFolderError, ParityError
 from model.fusion_model import FusionHeadGraph, FusionModel, ImageEncoderGraph, TextEncoderGraph
 from model.quantize import Int8Options, Int8Report, QuantData, Samples, load_samples, quantize_graphs, spread_rows
 from model.train import load_run
@@ -359,6 +359,24 @@ def auto_precision_note(precision: str, quality: VariantQuality) -> str | None:
             f"serve fp32 unless MMFUSION_PRECISION={precision} is set (or re-export with a higher --min-agreement)")
 
 
+def check_output_folder(out_dir: Path, run_dir: Path) -> None:
+    """Refuse an ``--out`` whose replacement would delete something that is not a bundle.
+
+    Export replaces ``out_dir`` whole (old bundle aside, new one in, old one deleted). That is right for
+    a bundle being re-exported and wrong for anything else: ``--out`` pointed at the run folder deleted
+    its checkpoints, and at a folder of the user's own files deleted them."""
+    out, run = out_dir.resolve(), Path(run_dir).resolve()
+    if out == run or out in run.parents:
+        raise OutputFolderError(f"--out {out_dir} would replace the run folder {run_dir} (it holds the checkpoints); "
+                                "export to a folder of its own, e.g. models/NAME")
+    if out.exists():
+        if not out.is_dir():
+            raise OutputFolderError(f"--out {out_dir} is a file; give a folder for the bundle")
+        if any(out.iterdir()) and not (out / MANIFEST_FILE).is_file():
+            raise OutputFolderError(f"--out {out_dir} exists and is not a bundle (no {MANIFEST_FILE}): export "
+                                    "replaces the whole folder, so give a new or empty folder, or a bundle to replace")
+
+
 def export_bundle(
     run_dir: Path,
     out_dir: Path,
@@ -378,7 +396,8 @@ def export_bundle(
     split recorded in ``quality["int8"]``. ``fp16`` adds an ``fp16`` variant for GPUs (see
     ``model/fp16.py``), its quality measured on the same test samples and recorded in ``quality["fp16"]``.
     """
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    run_dir, out_dir = Path(run_dir), Path(out_dir).resolve()
+    check_output_folder(out_dir, run_dir)
     model, cfg, ckpt = load_run(run_dir, which)
     image_pre = ImagePreprocessing.model_validate(ckpt["image_preprocessing"])
     labels: list[str] = ckpt["labels"]

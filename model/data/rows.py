@@ -108,17 +108,22 @@ def _lines(numbers: Sequence[int], limit: int = 10) -> str:
 
 
 def unreadable_images(paths: Iterable[Path]) -> dict[Path, str]:
-    """Images Pillow cannot identify or whose structure is broken -> the reason.
+    """Images Pillow cannot identify, or cannot decode to the end -> the reason.
 
-    ``Image.open`` reads only the header and ``verify`` checks the container (PNG chunk CRCs,
-    JPEG markers) without decoding pixels, so this costs well under a millisecond per file:
-    cheap enough to run on every image of a dataset before a long training run starts.
+    ``verify`` checks a PNG's chunk CRCs but not a JPEG's data: a truncated JPEG passed it and then
+    stopped training with "image file is truncated". So each image is also decoded, JPEGs in draft
+    mode (libjpeg's 1/8 scale still reads every entropy-coded byte, so truncation is found, at about
+    a tenth of a full decode): cheap enough to run on every image before a long training run starts.
     """
     bad: dict[Path, str] = {}
     for p in paths:
         try:
             with Image.open(p) as img:
                 img.verify()
+            with Image.open(p) as img:  # verify() leaves the image unusable: open again to decode
+                if img.format in ("JPEG", "MPO"):
+                    img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
+                img.load()
         except Exception as exc:  # Pillow raises many types (OSError, SyntaxError, struct.error, ...)
             bad[p] = f"{type(exc).__name__}: {exc}"
     return bad
@@ -235,6 +240,14 @@ def load_rows(
     bad_lines: set[int] = set()
     unknown: dict[str, list[int]] = defaultdict(list)
     for line, rec in records:
+        # JSONL values: strings, or numbers for a label; str() of a list or an object silently trained on
+        # "['what', 'color']" or made a class named "{'c': 1}".
+        odd = [f"{name} is {type(rec[name]).__name__}" for name in ("image", "text", "label", "split")
+               if isinstance(rec.get(name), bool | list | dict)]
+        if odd:
+            issues.add("value that is not text", f"line {line}: " + ", ".join(odd))
+            bad_lines.add(line)
+            continue
         image, text, split = _field(rec, "image"), _field(rec, "text"), _field(rec, "split").lower()
         label = _field(rec, "label") or None
         ok = True
@@ -272,8 +285,15 @@ def load_rows(
         issues.set_count("unknown label", f"{_plural(sum(map(len, unknown.values())), 'row')}; {shown}; known: {known}")
 
     lines_of: dict[Path, list[int]] = defaultdict(list)
-    for line, img_path, *_ in parsed:
+    splits_of: dict[Path, set[str]] = defaultdict(set)
+    for line, img_path, _text, _label, split in parsed:
         lines_of[img_path].append(line)
+        splits_of[img_path].add(split)
+    for img_path, splits in splits_of.items():
+        if len(splits) > 1:  # a picture trained on and then tested on: the held-out metrics would flatter
+            issues.add("image in two splits", f"{_display(img_path, base)} ({_lines(lines_of[img_path])}): "
+                       f"{', '.join(s for s in SPLITS if s in splits)}")
+            bad_lines.update(lines_of[img_path])
     present = [p for p in lines_of if p.is_file()]
     present_set = set(present)
     for line, img_path, *_ in parsed:

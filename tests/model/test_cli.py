@@ -293,3 +293,14 @@ def test_evaluate_scores_against_the_checkpoints_labels_when_the_data_has_fewer(
     csv.write_text("\n".join([lines[0], *(x for x in lines[1:] if ",blue," not in x)]) + "\n", encoding="utf-8")
     # The data's own label list is now [green, red]: scored by it, green would be the model's class 0, 'blue'.
     assert evaluate_run(run_dir, "train", which="last")["train_accuracy"] == 1.0
+
+
+def test_export_refuses_an_out_folder_that_is_not_a_bundle(tiny_run: Path, tmp_path: Path, capsys) -> None:
+    own = tmp_path / "mine"
+    own.mkdir()
+    (own / "notes.txt").write_text("keep me")
+    for out in (own, tiny_run, tiny_run.parent):
+        assert main(["export", str(tiny_run), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --out ") and "Traceback" not in err, err
+    assert (own / "notes.txt").read_text() == "keep me" and (tiny_run / "best.pt").is_file()

@@ -170,6 +170,46 @@ def test_every_bad_row_is_reported_at_once_with_counts_and_line_numbers(images: 
     assert err.value.issues["missing image file"] == ["line 3: images/nope.jpg", "line 9: images/gone.png"]
 
 
+def test_a_truncated_jpeg_is_refused_before_training_not_half_way(images: Path) -> None:
+    from PIL import Image
+
+    whole = images / "images" / "whole.jpg"
+    Image.effect_noise((160, 120), 60).convert("RGB").save(whole, quality=90)
+    data = whole.read_bytes()
+    (images / "images" / "cut.jpg").write_bytes(data[: len(data) * 2 // 3])  # headers intact, scan cut off
+    path = write_csv(images / "qa.csv", ["image", "text", "label", "split"], [
+        ["images/whole.jpg", "fine", "cat", "train"],
+        ["images/cut.jpg", "cut off", "dog", "train"],  # line 3
+    ])
+    with pytest.raises(DatasetError, match=r"unreadable image \(1 image, 1 row\):\n    images/cut\.jpg \(line 3\)"):
+        load_rows(path)
+
+
+def test_jsonl_lists_objects_and_booleans_are_refused_not_stringified(images: Path) -> None:
+    path = write_jsonl(images / "qa.jsonl", [
+        {"image": "images/0.jpg", "text": "ok", "label": "cat"},
+        {"image": "images/1.jpg", "text": ["what", "color"], "label": "cat"},
+        {"image": "images/2.jpg", "text": "ok", "label": {"c": 1}},
+        {"image": "images/3.jpg", "text": "ok", "label": True},
+    ])
+    with pytest.raises(DatasetError) as err:
+        load_rows(path)
+    msg = str(err.value)
+    assert "value that is not text (3 rows):" in msg
+    assert "line 2: text is list" in msg and "line 3: label is dict" in msg and "line 4: label is bool" in msg
+
+
+def test_an_image_in_two_splits_of_one_manifest_is_refused_as_a_leak(images: Path) -> None:
+    path = write_csv(images / "qa.csv", ["image", "text", "label", "split"], [
+        ["images/0.jpg", "what is it?", "cat", "train"],
+        ["images/1.jpg", "what is it?", "dog", "train"],
+        ["images/0.jpg", "which animal?", "cat", "test"],  # line 4: the same picture, held out
+    ])
+    with pytest.raises(DatasetError, match=r"image in two splits \(1 row\):\n    images/0\.jpg \(lines 2, 4\): "
+                                           r"train, test"):
+        load_rows(path)
+
+
 def test_long_problem_lists_are_truncated_but_counted(images: Path) -> None:
     path = write_csv(images / "qa.csv", ["image", "text", "label"],
                      [[f"images/missing{i}.jpg", "q", "cat"] for i in range(25)])
