@@ -147,6 +147,20 @@ def _register_baselines() -> None:
     import model.ablate  # noqa: F401  (registration side effect)
 
 
+def _best_epoch_note(run_dir: Path, cfg: object) -> str:
+    """Which epoch best.pt (what export ships) holds, and by what: a run can stop improving early."""
+    results = run_dir / "results.jsonl"
+    if not (run_dir / "best.pt").is_file() or not results.is_file():
+        return ""
+    epochs = [json.loads(line) for line in results.read_text(encoding="utf-8").split("\n") if line.strip()]
+    metric = getattr(cfg, "early_stopping_metric", "")
+    scored = [e for e in epochs if metric in e]
+    if not scored:
+        return f" (best.pt: by training loss, {len(epochs)} epochs)"
+    best = max(scored, key=lambda e: (e[metric], e["epoch"]))  # ties go to the later epoch, as train() saves
+    return f" (best.pt: epoch {best['epoch']} of {len(epochs)}, {metric} {best[metric]:.4f})"
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from model.train import train
 
@@ -154,7 +168,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = _config_from_args(args)
     t0 = time.perf_counter()
     run_dir = train(cfg, progress=not args.quiet, resume=args.resume)
-    print(f"trained in {time.perf_counter() - t0:.1f}s -> {run_dir}")
+    print(f"trained in {time.perf_counter() - t0:.1f}s -> {run_dir}{_best_epoch_note(run_dir, cfg)}")
     if not args.no_plots:
         from model.plots import plot_run
 

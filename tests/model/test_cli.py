@@ -231,6 +231,17 @@ def test_a_label_with_a_couple_of_rows_among_common_ones_is_flagged_as_a_likely_
     assert warn_about_rare_labels(rows[:6]) == []  # a small dataset: nothing is "rare"
 
 
+def test_a_label_only_val_or_test_rows_carry_is_flagged_as_never_predicted(caplog) -> None:
+    from model.data.rows import Row
+    from model.train import warn_about_untrained_labels
+
+    train_rows = [Row(image=Path(f"{i}.png"), text="q", label=("red", "blue")[i % 2], split="train")
+                  for i in range(6)]
+    with caplog.at_level("WARNING", logger="model.train"):
+        assert warn_about_untrained_labels(["blue", "purple", "red"], train_rows) == ["purple"]
+    assert "['purple'] have no training rows" in caplog.text
+
+
 def test_a_finished_run_with_a_config_the_new_checks_refuse_still_loads() -> None:
     # Runs trained before the checks (e.g. with a misspelled metric) must still export and evaluate;
     # only a run about to train is validated.
@@ -304,3 +315,16 @@ def test_export_refuses_an_out_folder_that_is_not_a_bundle(tiny_run: Path, tmp_p
         err = capsys.readouterr().err
         assert err.startswith("error: --out ") and "Traceback" not in err, err
     assert (own / "notes.txt").read_text() == "keep me" and (tiny_run / "best.pt").is_file()
+
+
+def test_a_tied_validation_score_moves_best_pt_to_the_later_epoch_and_train_says_which(
+        tiny_config, tmp_path: Path, monkeypatch, capsys) -> None:
+    import torch
+
+    import model.train as train_module
+
+    monkeypatch.setattr(train_module, "evaluate_split", lambda state, split, **kw: {"val_accuracy": 0.5})
+    run_dir = tmp_path / "run"
+    assert main(_tiny_train_argv(tiny_config, run_dir, "--epochs", "3", "--patience", "5")) == 0
+    assert torch.load(run_dir / "best.pt", map_location="cpu", weights_only=False)["epoch"] == 2  # the third
+    assert "(best.pt: epoch 3 of 3, val_accuracy 0.5000)" in capsys.readouterr().out
