@@ -405,6 +405,13 @@ def main(argv: list[str] | None = None) -> int:
     except ParityError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        hint = ""
+        if args.func is cmd_train:  # last.pt holds every finished epoch
+            run_dir = getattr(args, "run_dir", None) or TrainConfig().run_dir
+            hint = f"; continue with `mmfusion train --run-dir {run_dir} --resume`"
+        print(f"interrupted{hint}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -328,3 +328,16 @@ def test_a_tied_validation_score_moves_best_pt_to_the_later_epoch_and_train_says
     assert main(_tiny_train_argv(tiny_config, run_dir, "--epochs", "3", "--patience", "5")) == 0
     assert torch.load(run_dir / "best.pt", map_location="cpu", weights_only=False)["epoch"] == 2  # the third
     assert "(best.pt: epoch 3 of 3, val_accuracy 0.5000)" in capsys.readouterr().out
+
+
+def test_ctrl_c_during_training_says_how_to_resume_instead_of_a_traceback(tiny_config, tmp_path: Path,
+                                                                        monkeypatch, capsys) -> None:
+    import model.train as train_module
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "train", interrupted)
+    assert main(_tiny_train_argv(tiny_config, tmp_path / "run")) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == f"interrupted; continue with `mmfusion train --run-dir {tmp_path / 'run'} --resume`"
