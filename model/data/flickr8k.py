@@ -129,6 +129,22 @@ def _parse_tokens(path: Path, issues: Issues) -> list[tuple[int, str, str]]:
     return out
 
 
+def _found_elsewhere(root: Path, missing: list[str]) -> str:
+    """Where the missing pieces are, when an unpacked archive put them one or two folders deeper (the
+    official zips unpack to Flickr8k_text/ and Flickr8k_Dataset/Flicker8k_Dataset/)."""
+    found = []
+    for name in missing:
+        wanted = name.rstrip("/")
+        hits = [p for p in root.glob(f"*/{wanted}")] + [p for p in root.glob(f"*/*/{wanted}")]
+        hits = [p for p in hits if p.is_dir() == name.endswith("/")]
+        if hits:
+            found.append(f"{name} is at {hits[0].relative_to(root)}")
+    if not found:
+        return ""
+    return ("; found: " + ", ".join(found) + ". Move them up to the folder's top level (the token and split "
+            "files next to the image folder), or point --data at the folder that holds them all")
+
+
 def load_flickr8k(root: Path, *, verify_images: bool = True) -> Flickr8k:
     """Read and validate a Flickr8k folder; raise one ``DatasetError`` listing every problem.
 
@@ -146,7 +162,7 @@ def load_flickr8k(root: Path, *, verify_images: bool = True) -> Flickr8k:
     if missing:
         raise DatasetError(
             f"{root}: not a complete Flickr8k folder; missing {len(missing)} of the expected files: "
-            f"{', '.join(missing)} (expected: {_expected_layout()})"
+            f"{', '.join(missing)} (expected: {_expected_layout()}){_found_elsewhere(root, missing)}"
         )
 
     issues = Issues()

@@ -377,6 +377,20 @@ def test_flickr8k_missing_files_are_named(tmp_path: Path) -> None:
     assert "Flicker8k_Dataset/" in msg  # the expected layout is spelled out
 
 
+def test_flickr8k_files_one_folder_down_are_pointed_at(tmp_path: Path) -> None:
+    import shutil
+
+    build_flickr8k(tmp_path)
+    (tmp_path / "Flickr8k_text").mkdir()
+    for name in (TOKEN_FILE, "Flickr_8k.devImages.txt"):  # as the official text zip unpacks
+        shutil.move(str(tmp_path / name), str(tmp_path / "Flickr8k_text" / name))
+    with pytest.raises(DatasetError) as err:
+        load_flickr8k(tmp_path)
+    msg = str(err.value)
+    assert f"found: {TOKEN_FILE} is at Flickr8k_text/{TOKEN_FILE}" in msg
+    assert "Flickr_8k.devImages.txt is at Flickr8k_text/Flickr_8k.devImages.txt" in msg
+
+
 def test_flickr8k_malformed_token_lines_and_absent_images_are_reported_together(tmp_path: Path) -> None:
     names = build_flickr8k(tmp_path, extra_token_lines=[
         "no_tab_here.jpg#0 A caption separated by a space .",
