@@ -235,6 +235,7 @@ def load_rows(
         raise DatasetError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
 
     any_split = any(_field(rec, "split") for _, rec in records)
+    defaulted: list[int] = []  # lines without a split when others have one
     base = path.parent
     parsed: list[tuple[int, Path, str, str | None, str]] = []
     bad_lines: set[int] = set()
@@ -277,6 +278,10 @@ def load_rows(
             continue
         if not split:
             split = auto_split(_split_key(image), seed) if not any_split else default_split
+            if any_split:
+                defaulted.append(line)
+        if "\\" in image and not (base / image).exists() and (base / image.replace("\\", "/")).exists():
+            image = image.replace("\\", "/")  # a manifest written on Windows (a backslash as separator)
         img_path = Path(image) if Path(image).is_absolute() else (base / image).resolve()
         parsed.append((line, img_path, text, label, split))
     if unknown:
@@ -320,6 +325,10 @@ def load_rows(
     if not any_split:
         counts = {s: len({p for _, p, _, _, sp in parsed if sp == s}) for s in SPLITS}
         log.info("%s has no 'split' column: assigned images by seeded hash (seed %d): %s", path, seed, counts)
+    elif defaulted:
+        log.warning("%s: %d row(s) have no split while others do; they go to %s (%s). Fill the column, or leave "
+                    "it empty everywhere for a seeded per-image split", path, len(defaulted), default_split,
+                    _lines(defaulted))
     return [Row(img_path, text, label, split) for _, img_path, text, label, split in parsed]
 
 

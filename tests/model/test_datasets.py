@@ -210,6 +210,20 @@ def test_an_image_in_two_splits_of_one_manifest_is_refused_as_a_leak(images: Pat
         load_rows(path)
 
 
+def test_windows_separators_are_read_and_rows_without_a_split_among_split_ones_are_warned_about(
+        images: Path, caplog) -> None:
+    path = write_csv(images / "qa.csv", ["image", "text", "label", "split"], [
+        ["images\\0.jpg", "a", "cat", "train"],
+        ["images\\1.jpg", "b", "dog", ""],  # line 3: no split while the others have one
+        ["images/2.jpg", "c", "cat", "val"],
+    ])
+    with caplog.at_level("WARNING"):
+        rows = load_rows(path)
+    assert [r.image.name for r in rows] == ["0.jpg", "1.jpg", "2.jpg"]
+    assert [r.split for r in rows] == ["train", "train", "val"]
+    assert "1 row(s) have no split while others do; they go to train (line 3)" in caplog.text
+
+
 def test_long_problem_lists_are_truncated_but_counted(images: Path) -> None:
     path = write_csv(images / "qa.csv", ["image", "text", "label"],
                      [[f"images/missing{i}.jpg", "q", "cat"] for i in range(25)])
