@@ -344,8 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="for a run: which checkpoint (default: best)")
     p.add_argument("--precision", default="fp32", choices=["auto", "fp32", "fp16", "int8"],
                    help="for a bundle: which precision variant to run (default: fp32)")
-    p.add_argument("--data", help="for a bundle: labelled CSV/JSONL manifest (image,text,label,split); default: "
-                   "the demo data build-default leaves next to the bundle")
+    p.add_argument("--data", help="for a bundle: labelled CSV/JSONL manifest (image,text,label,split), or the "
+                   "Flickr8k folder it was trained on (its matching rows and caption pairs); default: the demo "
+                   "data build-default leaves next to the bundle")
     p.add_argument("--captions", help="for a bundle: CSV/JSONL caption pairs (image,text,split) for retrieval")
     p.set_defaults(func=cmd_evaluate)
 

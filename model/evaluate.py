@@ -103,8 +103,21 @@ def evaluate_bundle_dir(
     labels = list(pipe.manifest.labels)
     metrics: dict[str, float] = {}
     details: dict[str, Any] = {"precision": pipe.precision, "runtime": "onnxruntime"}
-    if data is not None:
+    flickr_captions: list | None = None
+    if data is not None and Path(data).is_dir():
+        # A Flickr8k folder, as the bundle was trained on it: its matching rows (the classification task) and
+        # its caption pairs (retrieval), drawn with the training code's own seed.
+        from model.data.flickr8k import is_flickr8k_root, load_flickr8k
+        from model.data.prepared import DATA_SEED
+
+        if not is_flickr8k_root(Path(data)):
+            raise EvaluationError(f"{data} is a folder without the Flickr8k layout; give a CSV/JSONL manifest")
+        ds = load_flickr8k(Path(data))
+        rows = [r for r in ds.matching_rows(seed=DATA_SEED) if r.split == split]
+        flickr_captions = [r for r in ds.pairs if r.split == split]
+    elif data is not None:
         rows = [r for r in load_rows(Path(data), labels=labels) if r.split == split]
+    if data is not None:
         if rows:
             s = load_samples(rows, pipe.manifest.image, labels)
             probs = np.concatenate([
@@ -115,8 +128,9 @@ def evaluate_bundle_dir(
             metrics.update(classification_metrics(s.labels, probs))
             details["classification_rows"] = len(rows)
         details["data"] = str(data)
-    if captions is not None:
-        caps = [r for r in load_rows(Path(captions), require_label=False) if r.split == split]
+    if captions is not None or flickr_captions is not None:
+        caps = flickr_captions if flickr_captions is not None else [
+            r for r in load_rows(Path(captions), require_label=False) if r.split == split]  # type: ignore[arg-type]
         if caps:
             s = load_samples(caps, pipe.manifest.image, None)
             img = np.concatenate([pipe.embed_images(s.pixel_values[i : i + batch])
@@ -124,7 +138,7 @@ def evaluate_bundle_dir(
             txt = np.concatenate([pipe.embed_texts(s.texts[i : i + batch])[0] for i in range(0, len(s), batch)])
             metrics.update(retrieval_metrics(img, txt, s.image_index, s.texts))
             details["captions"] = len(caps)
-        details["captions_file"] = str(captions)
+        details["captions_file"] = str(captions if captions is not None else data)
     if not metrics:
         raise EvaluationError(f"no rows of split {split!r} in {data or ''} {captions or ''}".strip())
     return Evaluation(str(bundle_dir), "bundle", split, metrics, details)

@@ -341,3 +341,21 @@ def test_ctrl_c_during_training_says_how_to_resume_instead_of_a_traceback(tiny_c
     assert main(_tiny_train_argv(tiny_config, tmp_path / "run")) == 130
     err = capsys.readouterr().err
     assert err.strip() == f"interrupted; continue with `mmfusion train --run-dir {tmp_path / 'run'} --resume`"
+
+
+def test_a_flickr8k_bundle_is_evaluated_with_onnx_on_its_own_folder(tmp_path: Path, capsys) -> None:
+    from tests.model.test_datasets import build_flickr8k
+
+    build_flickr8k(tmp_path / "f8k")
+    run_dir, bundle = tmp_path / "run", tmp_path / "bundle"
+    argv = ["train", "--quiet", "--no-plots", "--run-dir", str(run_dir), "--data", str(tmp_path / "f8k"),
+            "--epochs", "1", "--image-size", "32", "--batch-size", "8", "--hidden-dim", "16", "--embed-dim", "8",
+            "--num-threads", "1", "--encoder-kwargs",
+            json.dumps({"image": {"width": 4, "out_dim": 8}, "text": {"embed_dim": 8, "hidden": 8}})]
+    assert main(argv) == 0
+    assert main(["export", str(run_dir), "--out", str(bundle)]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(bundle), "--data", str(tmp_path / "f8k"), "--json"]) == 0
+    body = json.loads(capsys.readouterr().out)
+    assert body["kind"] == "bundle" and "accuracy" in body["metrics"]
+    assert "text_to_image_R@1" in body["metrics"] and body["captions"] > 0
