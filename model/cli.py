@@ -322,8 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", help="bundle folder (holding manifest.json)")
     p.add_argument("--run", help="the training run the bundle came from: also re-measure fp32 parity against "
                    "PyTorch, and take real samples from its dataset")
-    p.add_argument("--data", help="CSV/JSONL manifest (image,text,label,split) of real samples to measure "
-                   "agreement on (default: the run's data, else demo data next to the bundle, else random inputs)")
+    p.add_argument("--data", help="CSV/JSONL manifest (image,text,label,split), or a Flickr8k folder, of real "
+                   "samples to measure agreement on (default: the run's data, else demo data next to the bundle, "
+                   "else random inputs)")
     p.add_argument("--split", default="test", choices=["train", "val", "test"],
                    help="split of the real samples to use (default: test)")
     p.add_argument("--margin", type=float, default=0.01,

@@ -359,3 +359,5 @@ def test_a_flickr8k_bundle_is_evaluated_with_onnx_on_its_own_folder(tmp_path: Pa
     body = json.loads(capsys.readouterr().out)
     assert body["kind"] == "bundle" and "accuracy" in body["metrics"]
     assert "text_to_image_R@1" in body["metrics"] and body["captions"] > 0
+    assert main(["verify", str(bundle), "--data", str(tmp_path / "f8k")]) == 0  # its real samples, from the folder
+    assert str(tmp_path / "f8k") in capsys.readouterr().out
