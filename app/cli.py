@@ -27,21 +27,15 @@ def _serve(argv: list[str]) -> int:
         value = getattr(args, key)
         if value is not None:
             os.environ[f"MMFUSION_{key.upper()}"] = str(value)
-    from pydantic import ValidationError
-
     from app.bundle.verify import load_bundle_manifest
-    from app.core.config import describe_validation_error, get_settings, misspelled_variables
+    from app.core.config import SettingsError, environment_settings
     from app.core.errors import MMFusionError
 
-    typos = misspelled_variables(os.environ)
-    for typo in typos:
-        print(f"error: {typo}", file=sys.stderr)
-    if typos:
-        return 2
     try:
-        settings = get_settings()
-    except ValidationError as exc:
-        print(f"error: {describe_validation_error(exc)}", file=sys.stderr)
+        settings = environment_settings()
+    except SettingsError as exc:
+        for problem in exc.problems:
+            print(f"error: {problem}", file=sys.stderr)
         return 2
     try:  # a bundle that cannot load is the user's to fix: one line, not uvicorn's start-up traceback
         load_bundle_manifest(settings.bundle, check_hashes=False)

@@ -176,19 +176,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 def __getattr__(name: str) -> FastAPI:
     """``app.main:app`` is built on first access, so importing this module has no side effects."""
     if name == "app":
-        import os
+        from app.core.config import SettingsError, environment_settings
 
-        from pydantic import ValidationError
-
-        from app.core.config import describe_validation_error, misspelled_variables
-
-        typos = misspelled_variables(os.environ)
-        if typos:  # SystemExit: uvicorn prints the message and exits, no import traceback
-            raise SystemExit("error: " + "; ".join(typos))
         try:
-            application = create_app()
-        except ValidationError as exc:
-            raise SystemExit(f"error: {describe_validation_error(exc)}") from None
+            settings = environment_settings()
+        except SettingsError as exc:  # SystemExit: uvicorn prints the message and exits, no import traceback
+            raise SystemExit(f"error: {exc}") from None
+        application = create_app(settings)
         globals()["app"] = application
         return application
     raise AttributeError(name)

@@ -107,13 +107,13 @@ def evaluate_bundle_dir(
     if data is not None and Path(data).is_dir():
         # A Flickr8k folder, as the bundle was trained on it: its matching rows (the classification task) and
         # its caption pairs (retrieval), drawn with the training code's own seed.
-        from model.data.flickr8k import is_flickr8k_root, load_flickr8k
-        from model.data.prepared import DATA_SEED
+        from model.data.flickr8k import is_flickr8k_root
+        from model.data.prepared import flickr8k_task
 
         if not is_flickr8k_root(Path(data)):
             raise EvaluationError(f"{data} is a folder without the Flickr8k layout; give a CSV/JSONL manifest")
-        ds = load_flickr8k(Path(data))
-        rows = [r for r in ds.matching_rows(seed=DATA_SEED) if r.split == split]
+        ds, matching = flickr8k_task(Path(data))
+        rows = [r for r in matching if r.split == split]
         flickr_captions = [r for r in ds.pairs if r.split == split]
     elif data is not None:
         rows = [r for r in load_rows(Path(data), labels=labels) if r.split == split]

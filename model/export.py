@@ -149,13 +149,12 @@ def stamp_export_id(bundle_dir: Path, graphs: dict[str, GraphSpec]) -> dict[str,
         proto.metadata_props.extend(kept)
         proto.metadata_props.add(key=EXPORT_ID_KEY, value=digest)
         onnx.save(proto, str(bundle_dir / rel))
-    stamped: dict[str, GraphSpec] = {}
-    for role, spec in graphs.items():
-        variants = {name: v.model_copy(update={"sha256": sha256_file(bundle_dir / v.file),
-                                               "size_bytes": (bundle_dir / v.file).stat().st_size})
-                    for name, v in spec.variants.items()}
-        stamped[role] = spec.model_copy(update={"variants": variants})
-    return stamped
+    # Once per file: variants may share one (an int8 variant that is the fp32 file).
+    written = {rel: {"sha256": sha256_file(bundle_dir / rel), "size_bytes": (bundle_dir / rel).stat().st_size}
+               for rel in files}
+    return {role: spec.model_copy(update={"variants": {name: v.model_copy(update=written[v.file])
+                                                       for name, v in spec.variants.items()}})
+            for role, spec in graphs.items()}
 
 
 def export_graphs(model: FusionModel, out_dir: Path, image_size: int) -> dict[str, GraphSpec]:

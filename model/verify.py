@@ -56,10 +56,9 @@ def real_rows(bundle_dir: Path, manifest: BundleManifest, *, data: Path | None, 
     rows: list[Row] = []
     source = ""
     if data is not None and Path(data).is_dir():  # a Flickr8k folder: its matching rows, as training drew them
-        from model.data.flickr8k import load_flickr8k
-        from model.data.prepared import DATA_SEED
+        from model.data.prepared import flickr8k_task
 
-        rows, source = load_flickr8k(Path(data)).matching_rows(seed=DATA_SEED), str(data)
+        rows, source = flickr8k_task(Path(data))[1], str(data)
     elif data is not None:
         rows, source = load_rows(Path(data), labels=list(manifest.labels)), str(data)
     elif run_dir is not None:

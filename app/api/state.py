@@ -45,6 +45,11 @@ class ServiceState:
         p = self.require_pipeline()
         return ModelRef(name=p.manifest.name, version=p.manifest.version, precision=p.precision)
 
+    def stopped_threads(self) -> dict[str, str]:
+        """Graphs whose inference thread died, and why (empty before start-up and while all run)."""
+        pipeline = self.pipeline
+        return pipeline.batched.failures() if pipeline is not None and pipeline.batched is not None else {}
+
     def require_pipeline(self) -> ModelPipeline:
         if self.pipeline is None or not self.ready:
             raise NotReadyError()

@@ -12,6 +12,8 @@ from typing import Literal
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+ENV_PREFIX = "MMFUSION_"
+
 
 def container_cpus() -> int:
     """CPUs this process may really use: cgroup v2/v1 quota and affinity, not the host's count.
@@ -43,7 +45,7 @@ class Settings(BaseSettings):
 
     # allow_inf_nan=False: "inf" parses as a float, and an infinite queue delay crashed the batcher thread
     # (threading's wait cannot take it) while the health checks kept answering 200.
-    model_config = SettingsConfigDict(env_prefix="MMFUSION_", env_file=None, extra="ignore", allow_inf_nan=False)
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_file=None, extra="ignore", allow_inf_nan=False)
 
     bundle: Path = Field(default=Path("models/default"), description="Model bundle directory.")
     host: str = "0.0.0.0"
@@ -160,7 +162,6 @@ def get_settings() -> Settings:
     return Settings()
 
 
-ENV_PREFIX = "MMFUSION_"
 # MMFUSION_* variables read by tools beside the server (benchmarks, browser tests), not settings.
 TOOL_VARIABLES = frozenset({"MMFUSION_BENCH_RUN", "MMFUSION_CHROMIUM"})
 
@@ -177,7 +178,7 @@ def misspelled_variables(environ: Mapping[str, str]) -> list[str]:
     ignores unknown variables, so such a typo silently kept a default: with the keys variable
     misspelled, the server ran with no keys. Other unknown names are only warned about
     (:func:`unknown_variables`): a deployment may set its own ``MMFUSION_VERSION``."""
-    names = {f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields}
+    names = _setting_variables()
     found = []
     for var in _unknown(environ, names):
         close = difflib.get_close_matches(var.upper(), names, n=1, cutoff=TYPO_RATIO)
@@ -188,7 +189,11 @@ def misspelled_variables(environ: Mapping[str, str]) -> list[str]:
 
 def unknown_variables(environ: Mapping[str, str]) -> list[str]:
     """``MMFUSION_*`` variables that are not settings (nor the tools' own), typos included."""
-    return _unknown(environ, {f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields})
+    return _unknown(environ, _setting_variables())
+
+
+def _setting_variables() -> set[str]:
+    return {f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields}
 
 
 def _unknown(environ: Mapping[str, str], names: set[str]) -> list[str]:
@@ -205,4 +210,25 @@ def describe_validation_error(exc: ValidationError) -> str:
         shown = f"={value}" if isinstance(value, str | int | float) else ""
         parts.append(f"{ENV_PREFIX}{field.upper()}{shown}: {err['msg']}")
     return "invalid settings: " + "; ".join(parts)
+
+
+class SettingsError(ValueError):
+    """Settings the environment gets wrong, one problem per entry of ``problems``."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+def environment_settings() -> Settings:
+    """:func:`get_settings`, refusing the environment's mistakes first: a misspelled variable (which
+    would silently keep a default) or an invalid value, as one ``SettingsError`` whose problems name the
+    variables. ``mmfusion serve`` and ``uvicorn app.main:app`` both start through here."""
+    typos = misspelled_variables(os.environ)
+    if typos:
+        raise SettingsError(typos)
+    try:
+        return get_settings()
+    except ValidationError as exc:
+        raise SettingsError([describe_validation_error(exc)]) from None
 

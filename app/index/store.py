@@ -309,6 +309,13 @@ _FILTER_ROWS_CACHED = 16
 BROAD_FILTER_FRACTION = 0.25
 
 
+def _top_k_of_scores(scores_all: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the ``k`` highest of one query's scores over every row, best first."""
+    n = scores_all.shape[0]
+    top = np.argpartition(scores_all, n - k)[n - k :] if k < n else np.arange(n)
+    return top[np.argsort(-scores_all[top], kind="stable")]
+
+
 def _masked_top_k(query: np.ndarray, base: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` of one query among ``base``'s ``rows`` only (``1 <= k <= len(rows)``), as
     :func:`exact_top_k` returns it: every row is scored, the rest are set to -inf."""
@@ -316,9 +323,7 @@ def _masked_top_k(query: np.ndarray, base: np.ndarray, rows: np.ndarray, k: int)
     keep = np.zeros(base.shape[0], dtype=bool)
     keep[rows] = True
     scores_all[~keep] = -np.inf
-    n = base.shape[0]
-    top = np.argpartition(scores_all, n - k)[n - k :] if k < n else np.arange(n)
-    order = top[np.argsort(-scores_all[top], kind="stable")]
+    order = _top_k_of_scores(scores_all, k)
     order = order[np.isfinite(scores_all[order])]  # k <= len(rows), so this only guards k == n
     return scores_all[order][None, :], order[None, :]
 
@@ -329,11 +334,9 @@ def exact_top_k(queries: np.ndarray, base: np.ndarray, k: int) -> tuple[np.ndarr
     Both must be C-contiguous float32; ``1 <= k <= len(base)``. Returns ``(scores, rows)`` of shape
     ``(len(queries), k)``, best first.
     """
-    n = base.shape[0]
     if queries.shape[0] <= _NUMPY_MAX_QUERIES:
         scores_all = base @ queries[0]
-        top = np.argpartition(scores_all, n - k)[n - k :] if k < n else np.arange(n)
-        order = top[np.argsort(-scores_all[top], kind="stable")]
+        order = _top_k_of_scores(scores_all, k)
         return scores_all[order][None, :], order[None, :]
     _configure_faiss()
     scores, rows = faiss.knn(queries, base, k, metric=faiss.METRIC_INNER_PRODUCT)
@@ -499,22 +502,25 @@ class VectorIndex:
                         directory, index_bundle=manifest.identity, loaded_bundle=(bundle_name, bundle_version, dim),
                         index_fingerprint=recorded, loaded_fingerprint=embedding_fingerprint,
                     )
-                if embedding_fingerprint and not recorded:
-                    logger.warning(
-                        "vector index at %s predates embedding fingerprints: it cannot be checked against the "
-                        "weights of %s@%s, only their name and dimension; recording fingerprint %s from now on "
-                        "(if it was built by other weights with the same name, run `mmfusion index rebuild`)",
-                        directory, bundle_name, bundle_version, embedding_fingerprint)
-                    manifest = dataclasses.replace(manifest, embedding_fingerprint=embedding_fingerprint)
-                    manifest.write(manifest_path)
                 if not wal_path.exists():
                     raise IndexCorruptError(wal_path, "is missing although index.json exists", index_dir=directory)
                 if manifest.has_snapshot and not snapshot_path.exists():
                     raise IndexCorruptError(
                         snapshot_path, "is missing although the index has been compacted (index.json says so): "
                         "the items compacted into it are not in the WAL any more", index_dir=directory)
-                if snapshot_path.exists() and not manifest.has_snapshot:  # written before the key existed
-                    manifest = dataclasses.replace(manifest, has_snapshot=True)
+                # Keys an index written by an earlier version lacks: recorded from now on, in one write.
+                upgrades: dict[str, object] = {}
+                if embedding_fingerprint and not recorded:
+                    logger.warning(
+                        "vector index at %s predates embedding fingerprints: it cannot be checked against the "
+                        "weights of %s@%s, only their name and dimension; recording fingerprint %s from now on "
+                        "(if it was built by other weights with the same name, run `mmfusion index rebuild`)",
+                        directory, bundle_name, bundle_version, embedding_fingerprint)
+                    upgrades["embedding_fingerprint"] = embedding_fingerprint
+                if snapshot_path.exists() and not manifest.has_snapshot:
+                    upgrades["has_snapshot"] = True
+                if upgrades:
+                    manifest = dataclasses.replace(manifest, **upgrades)  # type: ignore[arg-type]
                     manifest.write(manifest_path)
             else:
                 for existing in (wal_path, snapshot_path):
@@ -968,10 +974,9 @@ class VectorIndex:
         meta_obj: Sequence[dict[str, Any] | None],
         vectors: np.ndarray,
         which: Sequence[int],
-    ) -> int:
+    ) -> None:
         """Write items ``which`` (distinct ids) into rows; capacity must already suffice."""
         self._filter_rows.clear()
-        created = 0
         rows = np.empty(len(which), dtype=np.int64)
         for pos, j in enumerate(which):
             item_id = ids[j]
@@ -982,7 +987,6 @@ class VectorIndex:
                 self._ids.append(item_id)
                 self._texts.append(texts[j])
                 self._metadata.append(meta_json[j])
-                created += 1
             else:
                 self._unindex_metadata(item_id, self._metadata[row])
                 self._texts[row] = texts[j]
@@ -995,7 +999,6 @@ class VectorIndex:
             self._vectors[rows] = vectors[which.start : which.stop]
         else:
             self._vectors[rows] = vectors[np.asarray(which, dtype=np.int64)]
-        return created
 
     def _delete_row(self, item_id: str) -> None:
         self._filter_rows.clear()

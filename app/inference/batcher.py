@@ -101,6 +101,12 @@ def _deliver(future: asyncio.Future[R], result: R | None, error: BaseException |
         future.set_result(result)  # type: ignore[arg-type]
 
 
+def _answer(entry: _Entry[P, R], result: R | None, error: BaseException | None) -> None:
+    """Hand ``entry``'s outcome to its caller's event loop, from an inference thread."""
+    with contextlib.suppress(RuntimeError):  # the caller's loop is already closed
+        entry.loop.call_soon_threadsafe(_deliver, entry.future, result, error)
+
+
 class GraphBatcher(Generic[P, R]):
     """A bounded request queue in front of one graph, drained by its own inference thread."""
 
@@ -213,8 +219,7 @@ class GraphBatcher(Generic[P, R]):
             if self._closing:
                 raise NotReadyError("the server is shutting down", retry_after_s=1)
             if self.failure is not None:
-                raise NotReadyError(f"{self.name} is not running ({self.failure}); the process needs a restart",
-                                    retry_after_s=5)
+                raise self._not_running()
             self.refuse_if_full()
             self._queue.append(entry)
             self._queued_rows += entry.rows
@@ -315,22 +320,23 @@ class GraphBatcher(Generic[P, R]):
                           self.name, instance)
             with self._cond:
                 self.failure = f"{type(exc).__name__} in inference thread {instance}"
-                error = NotReadyError(f"{self.name} is not running ({self.failure}); the process needs a restart",
-                                      retry_after_s=5)
+                error = self._not_running()
                 held: list[_Entry[P, R]] = getattr(self._instance, "batch", None) or []
                 if held:  # taken and counted as running, never delivered
                     self._running_rows -= sum(e.rows for e in held)
                     self._running_batches -= 1
                 for entry in held:  # _deliver skips futures already done
-                    with contextlib.suppress(RuntimeError):
-                        entry.loop.call_soon_threadsafe(_deliver, entry.future, None, error)
+                    _answer(entry, None, error)
                 while self._queue:
                     entry = self._queue.popleft()
                     self._queued_rows -= entry.rows
                     self._depth.dec()
-                    with contextlib.suppress(RuntimeError):
-                        entry.loop.call_soon_threadsafe(_deliver, entry.future, None, error)
+                    _answer(entry, None, error)
                 self._cond.notify_all()
+
+    def _not_running(self) -> NotReadyError:
+        return NotReadyError(f"{self.name} is not running ({self.failure}); the process needs a restart",
+                             retry_after_s=5)
 
     def _serve(self, instance: int) -> None:
         self._instance.index = instance
@@ -359,8 +365,7 @@ class GraphBatcher(Generic[P, R]):
             if per_row is not None:  # failures are quick and would make the queue look faster than it is
                 self._row_s = per_row if self._row_s <= 0 else 0.8 * self._row_s + 0.2 * per_row
             for entry, (result, error) in zip(batch, outcomes, strict=True):
-                with contextlib.suppress(RuntimeError):  # the caller's loop is already closed
-                    entry.loop.call_soon_threadsafe(_deliver, entry.future, result, error)
+                _answer(entry, result, error)
 
     def _call_graph(self, batch: list[_Entry[P, R]]) -> tuple[list[R], float]:
         started = time.perf_counter()

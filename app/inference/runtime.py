@@ -152,6 +152,11 @@ class GraphSession:
     def input_names(self) -> list[str]:
         return [i.name for i in self.session.get_inputs()]
 
+    @property
+    def file(self) -> str:
+        """The bundle file this session runs (the served precision's variant)."""
+        return self.spec.variants[self.precision].file  # type: ignore[index]
+
     def run(self, feeds: dict[str, np.ndarray], *, shrink_arena: bool = False, record: bool = True
             ) -> dict[str, np.ndarray]:
         """Feed exactly the inputs this graph declares (pruned inputs are simply not fed).

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from model.config import TrainConfig
-from model.data.flickr8k import MATCH_LABELS, TOKEN_FILE, is_flickr8k_root, load_flickr8k
+from model.data.flickr8k import MATCH_LABELS, TOKEN_FILE, Flickr8k, is_flickr8k_root, load_flickr8k
 from model.data.rows import SPLITS, DatasetError, Row, load_rows
 
 DATA_SEED = 0
@@ -85,14 +85,20 @@ def _manifest(cfg: TrainConfig) -> PreparedData:
     return _assemble(rows, captions, labels, summary)
 
 
+def flickr8k_task(root: Path) -> tuple[Flickr8k, list[Row]]:
+    """A Flickr8k folder and its image-text matching rows (the classification task), drawn with the seed
+    training uses: evaluation and verification of a bundle see the very rows its run was trained on."""
+    ds = load_flickr8k(Path(root))
+    return ds, ds.matching_rows(seed=DATA_SEED)
+
+
 def _flickr8k(cfg: TrainConfig) -> PreparedData:
     if cfg.captions:
         raise DatasetError(
             f"{cfg.data} is a Flickr8k folder, which brings its own captions ({TOKEN_FILE}); "
             f"do not also give captions={cfg.captions!r}"
         )
-    ds = load_flickr8k(Path(cfg.data))
-    rows = ds.matching_rows(seed=DATA_SEED)
+    ds, rows = flickr8k_task(Path(cfg.data))
     summary = f"{ds.summary.describe()}; matching rows {_split_counts(rows)}"
     return _assemble(rows, ds.pairs, list(MATCH_LABELS), summary)
 

@@ -19,8 +19,7 @@ router = APIRouter()
 @router.get("/livez", response_model=HealthResponse, tags=["health"], responses=error_responses(503),
             summary="The process is up and every inference thread runs")
 async def livez(state: State) -> HealthResponse:
-    pipeline = state.pipeline
-    failed = pipeline.batched.failures() if pipeline is not None and pipeline.batched is not None else {}
+    failed = state.stopped_threads()
     if failed:  # an inference thread died: only a restart brings it back
         raise NotAliveError(f"inference thread(s) stopped: {failed}; restart the process")
     return HealthResponse(status="ok")
@@ -32,8 +31,7 @@ async def livez(state: State) -> HealthResponse:
 async def readyz(state: State) -> HealthResponse:
     if not state.ready:
         raise NotReadyError()
-    pipeline = state.pipeline
-    if pipeline is not None and pipeline.batched is not None and pipeline.batched.failures():
+    if state.stopped_threads():
         raise NotReadyError("an inference thread stopped; see /livez", retry_after_s=5)
     return HealthResponse(status="ready")
 
@@ -61,7 +59,7 @@ async def model_info(state: State) -> ModelInfoResponse:
         providers=p.active_providers,
         graphs={
             role: GraphInfo(
-                file=s.spec.variants[s.precision].file,  # type: ignore[index]
+                file=s.file,
                 precision=s.precision,
                 inputs=s.input_names,
                 outputs=[o.name for o in s.session.get_outputs()],
